@@ -1,0 +1,60 @@
+"""Typed errors. Each message names the thing that failed and what to do about it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VitsemError(Exception):
+    """Base class of every error vitsem raises on purpose."""
+
+
+class ImageError(VitsemError):
+    """An image file cannot be used. ``reason`` is a short machine-readable code."""
+
+    reason = "unreadable"
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {detail}")
+
+
+class EmptyImageError(ImageError):
+    reason = "empty_file"
+
+
+class NotAnImageError(ImageError):
+    reason = "not_an_image"
+
+
+class TruncatedImageError(ImageError):
+    reason = "truncated"
+
+
+class ImageTooSmallError(ImageError):
+    reason = "too_small"
+
+
+class ImageTooLargeError(ImageError):
+    reason = "too_large"
+
+
+class UnsupportedImageModeError(ImageError):
+    reason = "unsupported_mode"
+
+
+class UnknownModelError(VitsemError):
+    """A model name that timm does not know."""
+
+
+class UnsupportedModelError(VitsemError):
+    """A model that vitsem cannot analyse (not a ViT with a patch grid, say)."""
+
+
+class CheckpointError(VitsemError):
+    """A checkpoint that cannot be loaded safely or does not fit the model."""
+
+
+class DatasetError(VitsemError):
+    """A data set folder or manifest that cannot be used."""
