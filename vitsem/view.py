@@ -52,8 +52,18 @@ class ModelView:
         )
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> ModelView:
-        return cls.from_data_config(resolve_data_config({}, model=model))
+    def from_model(cls, model: torch.nn.Module,
+                   input_hw: tuple[int, int] | None = None) -> ModelView:
+        """The model's eval view. timm's pretrained config keeps the default input size when
+        a model is built with another ``img_size``, so the patch embedding's size wins;
+        ``input_hw`` overrides both (for dynamic-size models)."""
+        cfg = resolve_data_config({}, model=model)
+        pe_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if input_hw is not None:
+            cfg["input_size"] = (3, int(input_hw[0]), int(input_hw[1]))
+        elif pe_size is not None:
+            cfg["input_size"] = (3, int(pe_size[0]), int(pe_size[1]))
+        return cls.from_data_config(cfg)
 
     @property
     def hw(self) -> tuple[int, int]:
