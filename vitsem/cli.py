@@ -1,0 +1,317 @@
+"""The ``vitsem`` command line: thin over the library."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vitsem.errors import VitsemError
+
+app = typer.Typer(help="Explain and audit Vision Transformers through SIFT keypoints.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="The shipped shortcut benchmark.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def _home() -> Path:
+    return Path(os.environ.get("VITSEM_HOME", "vitsem-work"))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _fail(e: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {e}")
+    return typer.Exit(code=2)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@data_app.command("make")
+def data_make(
+    out: Annotated[Path, typer.Option(help="Folder to write the benchmark into.")],
+    classes: Annotated[int, typer.Option(help="Number of object classes (2-6).")] = 3,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 1500,
+    n_test: Annotated[int, typer.Option(help="Test images.")] = 600,
+    rho: Annotated[float, typer.Option(help="Shortcut-label agreement in training.")] = 0.95,
+    glyph: Annotated[str, typer.Option(help="Shortcut glyph: checker, text, bullseye, none.")
+                     ] = "checker",
+    position: Annotated[str, typer.Option(help="Glyph position: fixed or random.")] = "fixed",
+    test_mode: Annotated[str, typer.Option(help="decorrelated or reversed.")] = "decorrelated",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Generate the shortcut benchmark (images, masks, manifest.jsonl, dataset.json)."""
+    from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+
+    spec = ShortcutSpec(num_classes=classes, image_size=image_size, n_train=n_train,
+                        n_test=n_test, rho=rho, glyph=glyph, position=position,  # type: ignore[arg-type]
+                        test_mode=test_mode, seed=seed)  # type: ignore[arg-type]
+    try:
+        with console.status("rendering images"):
+            root = make_shortcut_dataset(out, spec)
+    except (ValueError, VitsemError) as e:
+        raise _fail(e) from e
+    console.print(f"wrote {n_train + n_test} images to [bold]{root}[/]")
+
+
+def ensure_default_model(home: Path | None = None) -> tuple[Path, Path]:
+    """The embedded default: the shipped benchmark and a tiny ViT trained on it, both cached
+    under ``$VITSEM_HOME`` by the hash of their settings, so each is made only once."""
+    from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+    from vitsem.train import TrainConfig, train_classifier
+
+    home = home or _home()
+    spec, cfg = ShortcutSpec(), TrainConfig()
+    data_dir = home / "data" / f"shortcut-{_digest(asdict(spec))}"
+    ckpt = home / "models" / f"tiny-vit-{_digest([asdict(spec), asdict(cfg)])}.safetensors"
+    if not (data_dir / "dataset.json").is_file():
+        with console.status(f"generating the shortcut benchmark in {data_dir}"):
+            make_shortcut_dataset(data_dir, spec)
+    if not ckpt.is_file():
+        console.print(f"training the default tiny ViT (cached at {ckpt}) ...")
+        result = _train_with_progress(data_dir, ckpt, cfg)
+        console.print(f"trained in {result.seconds:.0f} s")
+    return data_dir, ckpt
+
+
+def _train_with_progress(data: Path, out: Path, cfg: Any) -> Any:
+    from vitsem.train import train_classifier
+
+    with _progress() as bar:
+        task = bar.add_task("training", total=cfg.epochs)
+
+        def report(epoch: int, total: int, rec: dict[str, float]) -> None:
+            bar.update(task, completed=epoch, description=(
+                f"training: loss {rec['loss']:.3f}, test acc {rec['test_accuracy']:.3f}"))
+
+        result = train_classifier(data, out, cfg, progress=report)
+    table = Table(title="tiny ViT on the shortcut benchmark")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("train accuracy", f"{result.train_accuracy:.3f}")
+    table.add_row("test accuracy (decorrelated shortcut)", f"{result.test_accuracy:.3f}")
+    table.add_row("test worst-group accuracy", f"{result.test_worst_group_accuracy:.3f}")
+    for g, acc in result.test_group_accuracy.items():
+        table.add_row(f"  group {g}", f"{acc:.3f}")
+    console.print(table)
+    return result
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Benchmark folder from `vitsem data make`.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors).")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    depth: Annotated[int, typer.Option(help="Transformer blocks.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the tiny ViT (vit_tiny family, 64 px, 8 px patches) on the CPU."""
+    from vitsem.train import TrainConfig
+
+    try:
+        _train_with_progress(data, out, TrainConfig(epochs=epochs, depth=depth, seed=seed))
+    except VitsemError as e:
+        raise _fail(e) from e
+    console.print(f"checkpoint: [bold]{out}[/]")
+
+
+def _load(model: str | None, checkpoint: Path | None, pretrained: bool) -> Any:
+    from vitsem.models import load_model
+
+    if model is None and checkpoint is None:
+        _, checkpoint = ensure_default_model()
+    return load_model(model, checkpoint, pretrained=pretrained)
+
+
+def _inputs(inputs: list[Path] | None, split: str) -> tuple[list[Path], list[str] | None]:
+    """Files to analyse: folders expand to their images (a benchmark folder to its ``split``)."""
+    from vitsem.images import list_images
+    from vitsem.shortcut_data import DATASET_INFO, ShortcutDataset
+
+    if not inputs:
+        data_dir, _ = ensure_default_model()
+        inputs = [data_dir]
+    files: list[Path] = []
+    names = None
+    for p in inputs:
+        if p.is_dir() and (p / DATASET_INFO).is_file():
+            ds = ShortcutDataset.load(p)
+            files.extend(ds.paths(split))
+            names = ds.class_names
+        elif p.is_dir():
+            files.extend(list_images(p))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise VitsemError(f"{p}: no such file or folder")
+    return files, names
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    help="timm model name; with --checkpoint, the architecture of a plain weights file.")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    help="Weights: a vitsem .safetensors checkpoint, or a state_dict (.safetensors/.pt/.pth).")]
+PretrainedOpt = Annotated[bool, typer.Option(help="Fetch timm's pretrained weights (network).")]
+InputsArg = Annotated[list[Path] | None, typer.Argument(
+    help="Image files or folders (default: the shipped benchmark's test split).")]
+
+
+@app.command()
+def sift(
+    inputs: InputsArg = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/sift"),
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    weighting: Annotated[str, typer.Option(help="count, response or scale.")] = "count",
+    split: Annotated[str, typer.Option(help="Benchmark split for benchmark folders.")] = "test",
+    workers: Annotated[int | None, typer.Option(help="Processes (default: all cores).")] = None,
+) -> None:
+    """SIFT keypoints on each image as the model sees it, and their patch concentration.
+
+    Writes keypoints.parquet (one row per keypoint), images.parquet (per-image patch
+    concentration) and rejected.jsonl (files skipped, with the reason)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitsem.attention import token_layout
+    from vitsem.concentration import concentration
+    from vitsem.keypoints import Rejected, sift_files
+    from vitsem.report import write_rejected
+    from vitsem.view import ModelView
+
+    try:
+        net, _spec = _load(model, checkpoint, pretrained)
+        files, _ = _inputs(inputs, split)
+        view = ModelView.from_model(net)
+        grid = token_layout(net, view.hw).grid
+        out.mkdir(parents=True, exist_ok=True)
+        kp_cols: dict[str, list[Any]] = {k: [] for k in
+                                         ("path", "x", "y", "size", "angle", "response", "octave")}
+        img_rows, rejected = [], []
+        with _progress() as bar:
+            task = bar.add_task("SIFT", total=len(files))
+            for item in sift_files(files, view, workers=workers):
+                bar.advance(task)
+                if isinstance(item, Rejected):
+                    rejected.append(item)
+                    continue
+                k = item.keypoints
+                kp_cols["path"].append(np.full(len(k), item.path, dtype=object))
+                kp_cols["x"].append(k.xy[:, 0])
+                kp_cols["y"].append(k.xy[:, 1])
+                for f in ("size", "angle", "response", "octave"):
+                    kp_cols[f].append(getattr(k, f))
+                c = concentration(k, grid, weighting)
+                img_rows.append({"path": item.path, "num_keypoints": len(k),
+                                 "semantic_patches": int((c > 0).sum()),
+                                 "concentration": c.tolist()})
+        table = pa.table({k: pa.array(np.concatenate(v) if v else []) for k, v in kp_cols.items()})
+        pq.write_table(table, out / "keypoints.parquet")
+        pq.write_table(pa.Table.from_pylist(img_rows) if img_rows else pa.table({}),
+                       out / "images.parquet")
+        write_rejected(out / "rejected.jsonl", rejected)
+    except VitsemError as e:
+        raise _fail(e) from e
+    n = len(img_rows)
+    kps = sum(r["num_keypoints"] for r in img_rows)
+    console.print(f"{n} images, {kps} keypoints ({kps / max(n, 1):.1f} per image), "
+                  f"{len(rejected)} rejected; grid {grid.grid_hw[0]}x{grid.grid_hw[1]} -> "
+                  f"[bold]{out}[/]")
+    for r in rejected:
+        console.print(f"  [yellow]skipped[/] {r.path}: {r.reason}: {r.detail}")
+
+
+def print_profile(rows: list[dict[str, float]]) -> None:
+    table = Table(title="semantic layer profile (1 = uniform attention)")
+    for col in ("layer", "semantic lift [95% CI]", "CLS focus [95% CI]", "head lift min..max",
+                "images"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{int(r['layer'])}",
+            f"{r['semantic_lift']:.3f} [{r['semantic_lift_ci_low']:.3f}, "
+            f"{r['semantic_lift_ci_high']:.3f}]",
+            f"{r['cls_focus']:.3f} [{r['cls_focus_ci_low']:.3f}, {r['cls_focus_ci_high']:.3f}]",
+            f"{r['lift_min_head']:.2f}..{r['lift_max_head']:.2f}",
+            f"{int(r['images'])}",
+        )
+    console.print(table)
+
+
+@app.command()
+def analyze(
+    inputs: InputsArg = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/analyze"),
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    weighting: Annotated[str, typer.Option(help="count, response or scale.")] = "count",
+    levels: Annotated[int, typer.Option(help="Concentration levels K.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="SIFT processes (default: all cores).")
+                       ] = None,
+    examples: Annotated[int, typer.Option(help="Images drawn as attention pictures.")] = 4,
+    split: Annotated[str, typer.Option(help="Benchmark split for benchmark folders.")] = "test",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Weighted patch interrelation analysis of every layer and head.
+
+    With no arguments: the shipped benchmark and a tiny ViT trained on it (made once, cached
+    under $VITSEM_HOME, default ./vitsem-work). Writes stats.json, per_image.parquet,
+    rejected.jsonl and PNG pictures to --out, and prints the semantic layer profile."""
+    from vitsem.pipeline import AnalysisConfig, analyze_images
+    from vitsem.report import PerImageWriter, stats_document, write_pictures, write_rejected
+
+    try:
+        net, spec = _load(model, checkpoint, pretrained)
+        files, names = _inputs(inputs, split)
+        names = spec.class_names or names
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = AnalysisConfig(weighting=weighting, num_levels=levels, batch_size=batch_size,
+                             workers=workers, num_examples=examples, device=device)
+        writer = PerImageWriter(out / "per_image.parquet")
+        with _progress() as bar:
+            task = bar.add_task("SIFT + attention analysis", total=len(files))
+            result = analyze_images(net, files, cfg, on_rows=writer,
+                                    progress=lambda n: bar.update(task, completed=n))
+        writer.close()
+        meta = {"model": spec.name, "model_kwargs": spec.kwargs,
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "inputs": [str(p) for p in (inputs or [])]}
+        (out / "stats.json").write_text(json.dumps(stats_document(result, meta), indent=1))
+        write_rejected(out / "rejected.jsonl", result.rejected)
+        pictures = write_pictures(result, out, names) if result.num_images else []
+    except VitsemError as e:
+        raise _fail(e) from e
+    print_profile(result.layer_profile())
+    console.print(f"{result.num_images} images analysed, {len(result.rejected)} rejected; "
+                  f"{result.num_layers} layers x {result.num_heads} heads; grid "
+                  f"{result.layout.grid.grid_hw[0]}x{result.layout.grid.grid_hw[1]}")
+    for r in result.rejected:
+        console.print(f"  [yellow]skipped[/] {r.path}: {r.reason}: {r.detail}")
+    console.print(f"results in [bold]{out}[/]: stats.json, per_image.parquet, rejected.jsonl, "
+                  f"{len(pictures)} pictures")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,93 @@
+"""Write an analysis to a folder: statistics JSON, per-image Parquet, rejected files, PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vitsem.keypoints import Rejected
+from vitsem.pipeline import STAT_DESCRIPTIONS, AnalysisResult
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf -> None so the JSON is standard."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    return x
+
+
+class PerImageWriter:
+    """Streams per-image rows to a Parquet file, batch by batch (constant memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(path.name + ".tmp")
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def __call__(self, rows: list[dict[str, Any]]) -> None:
+        table = pa.Table.from_pylist(rows)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(str(self._tmp), table.schema)
+        self._writer.write_table(table)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.replace(self.path)
+
+
+def stats_document(result: AnalysisResult, meta: dict[str, Any]) -> dict[str, Any]:
+    summary = result.summary()
+    stats = {}
+    for name, s in summary.items():
+        stats[name] = {
+            "description": STAT_DESCRIPTIONS.get(name, ""),
+            "shape": list(s.mean.shape),
+            "mean": s.mean.tolist(), "ci_low": s.ci_low.tolist(), "ci_high": s.ci_high.tolist(),
+            "std": s.std.tolist(), "count": s.count.tolist(),
+        }
+    cfg = asdict(result.config)
+    return _clean({
+        "meta": meta,
+        "config": cfg,
+        "layout": {"num_prefix_tokens": result.layout.num_prefix, "has_cls": result.layout.has_cls,
+                   "patch_hw": list(result.layout.grid.patch_hw),
+                   "grid_hw": list(result.layout.grid.grid_hw)},
+        "num_layers": result.num_layers, "num_heads": result.num_heads,
+        "num_images": result.num_images, "num_rejected": len(result.rejected),
+        "layer_profile": result.layer_profile(),
+        "statistics": stats,
+    })
+
+
+def write_rejected(path: Path, rejected: list[Rejected]) -> None:
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rejected))
+
+
+def write_pictures(result: AnalysisResult, out: Path, class_names: list[str] | None
+                   ) -> list[Path]:
+    from vitsem import pictures  # matplotlib is slow to import; only when drawing
+
+    written = []
+    figs = [("layer_profile.png", pictures.layer_profile_figure(result)),
+            ("level_matrix.png", pictures.level_matrix_figure(result))]
+    figs += [(f"attention_{i:02d}.png", pictures.attention_figure(ex, result, class_names))
+             for i, ex in enumerate(result.examples)]
+    for name, fig in figs:
+        path = out / name
+        fig.savefig(path, dpi=110)
+        pictures.plt.close(fig)
+        written.append(path)
+    return written
