@@ -86,6 +86,10 @@ def open_image(source: str | Path | bytes, *, name: str | None = None,
             raise NotAnImageError(label, "not a recognised image format") from e
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(label, str(e)) from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise TruncatedImageError(
+                label, f"image header is truncated or corrupt ({e}); re-download or re-export it"
+            ) from e
         w, h = img.size
         if w * h > limits.max_pixels:
             raise ImageTooLargeError(
@@ -105,7 +109,10 @@ def open_image(source: str | Path | bytes, *, name: str | None = None,
             raise TruncatedImageError(
                 label, f"image data is truncated or corrupt ({e}); re-download or re-export it"
             ) from e
-    img = ImageOps.exif_transpose(img) or img
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except (OSError, SyntaxError, ValueError, KeyError) as e:
+        raise TruncatedImageError(label, f"corrupt EXIF orientation data ({e})") from e
     return _to_8bit_rgb(img, label)
 
 
