@@ -1,0 +1,89 @@
+"""Model creation and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vitsem.errors import CheckpointError, UnknownModelError
+from vitsem.models import ModelSpec, create_model, load_model, read_state_dict, save_checkpoint
+
+TINY = {"img_size": 32, "depth": 2}
+
+
+class Payload:
+    """Stands for arbitrary code in a pickle: unpickling it would run ``__reduce__``."""
+
+    def __reduce__(self) -> tuple:
+        return (print, ("pwned",))
+
+
+def test_unknown_model_name_suggests() -> None:
+    with pytest.raises(UnknownModelError, match="vit_tiny_patch16_224"):
+        load_model("vit_tiny_patch16_244")
+
+
+def test_vitsem_checkpoint_round_trip(tmp_path: Path) -> None:
+    spec = ModelSpec("vit_tiny_patch16_224", {**TINY, "num_classes": 3}, ["a", "b", "c"])
+    model = create_model(spec)
+    path = save_checkpoint(model, spec, tmp_path / "m.safetensors")
+    loaded, got = load_model(checkpoint=path)
+    assert got == spec
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_timm_weights_from_local_files(tmp_path: Path) -> None:
+    """Pretrained weights fetched elsewhere load from disk, in torch and safetensors form."""
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    sd = src.state_dict()
+    torch.save({"state_dict": sd}, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("w.pth", "w.safetensors"):
+        model, spec = load_model("vit_tiny_patch16_224", tmp_path / name, **TINY)
+        with torch.no_grad():
+            assert torch.equal(model(x), src(x)), name
+        assert spec.kwargs == TINY
+
+
+def test_pickled_code_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as f:
+        pickle.dump(OrderedDict(w=Payload()), f)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_state_dict(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_wrong_shapes_are_named(tmp_path: Path) -> None:
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, **TINY)
+    torch.save(other.state_dict(), tmp_path / "w7.pth")
+    with pytest.raises(CheckpointError, match=r"head.weight: checkpoint \(7, 192\)"):
+        load_model("vit_tiny_patch16_224", tmp_path / "w7.pth", num_classes=3, **TINY)
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    torch.save(small.state_dict(), tmp_path / "d1.pth")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_model("vit_tiny_patch16_224", tmp_path / "d1.pth", **TINY)
+
+
+def test_bad_checkpoint_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "none.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(tmp_path / "junk.safetensors")
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        read_state_dict(tmp_path / "w.onnx")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(plain))
+    with pytest.raises(CheckpointError, match="name the architecture"):
+        load_model(checkpoint=plain)
