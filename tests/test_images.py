@@ -33,13 +33,13 @@ def _rgb(w: int = 40, h: int = 30) -> Image.Image:
 
 def test_zero_byte(tmp_path: Path) -> None:
     p = _write(tmp_path / "empty.png", b"")
-    with pytest.raises(errors.EmptyImageError, match="empty.png"):
+    with pytest.raises(errors.EmptyImageError, match=r"empty\.png"):
         open_image(p)
 
 
 def test_not_an_image(tmp_path: Path) -> None:
     p = _write(tmp_path / "notes.jpg", b"this is a text file, not a JPEG\n" * 10)
-    with pytest.raises(errors.NotAnImageError, match="notes.jpg"):
+    with pytest.raises(errors.NotAnImageError, match=r"notes\.jpg"):
         open_image(p)
 
 
@@ -53,18 +53,18 @@ def test_missing_and_unreadable(tmp_path: Path) -> None:
 def test_truncated(tmp_path: Path) -> None:
     data = _png(_rgb(200, 200))
     p = _write(tmp_path / "cut.png", data[: len(data) // 2])
-    with pytest.raises(errors.TruncatedImageError, match="cut.png"):
+    with pytest.raises(errors.TruncatedImageError, match=r"cut\.png"):
         open_image(p)
     buf = io.BytesIO()
     _rgb(200, 200).save(buf, format="JPEG")
     p = _write(tmp_path / "cut.jpg", buf.getvalue()[:600])
-    with pytest.raises(errors.TruncatedImageError, match="cut.jpg"):
+    with pytest.raises(errors.TruncatedImageError, match=r"cut\.jpg"):
         open_image(p)
 
 
 def test_one_pixel(tmp_path: Path) -> None:
     p = _write(tmp_path / "dot.png", _png(Image.new("RGB", (1, 1))))
-    with pytest.raises(errors.ImageTooSmallError, match="dot.png"):
+    with pytest.raises(errors.ImageTooSmallError, match=r"dot\.png"):
         open_image(p)
 
 
@@ -72,7 +72,7 @@ def test_decompression_bomb(tmp_path: Path) -> None:
     # A 1-bit 20000 x 20000 PNG is a few kB on disk and 400 M pixels decoded.
     p = _write(tmp_path / "bomb.png", _png(Image.new("1", (20000, 20000))))
     assert p.stat().st_size < 200_000
-    with pytest.raises(errors.ImageTooLargeError, match="bomb.png"):
+    with pytest.raises(errors.ImageTooLargeError, match=r"bomb\.png"):
         open_image(p)
     with pytest.raises(errors.ImageTooLargeError):
         open_image(_write(tmp_path / "big.png", _png(_rgb(100, 100))),

@@ -137,6 +137,7 @@ def test_descriptors_optional() -> None:
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     with_desc = detect_sift(img, SiftParams(descriptors=True))
-    assert with_desc.descriptors is not None and with_desc.descriptors.shape == (len(with_desc), 128)
+    assert with_desc.descriptors is not None
+    assert with_desc.descriptors.shape == (len(with_desc), 128)
     assert detect_sift(img).descriptors is None
     assert SiftParams().digest() != SiftParams(sigma=1.2).digest()

@@ -77,7 +77,7 @@ def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout:
 def num_layers_heads(model: nn.Module) -> tuple[int, int]:
     """(number of attention blocks, heads per block)."""
     mods = attention_modules(model)
-    heads = {int(m.num_heads) for m in mods}  # type: ignore[call-overload]
+    heads = {int(m.num_heads) for m in mods}  # type: ignore[arg-type]
     if len(heads) != 1:
         raise UnsupportedModelError(f"blocks have different head counts {sorted(heads)}")
     return len(mods), heads.pop()

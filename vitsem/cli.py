@@ -76,7 +76,7 @@ def ensure_default_model(home: Path | None = None) -> tuple[Path, Path]:
     """The embedded default: the shipped benchmark and a tiny ViT trained on it, both cached
     under ``$VITSEM_HOME`` by the hash of their settings, so each is made only once."""
     from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-    from vitsem.train import TrainConfig, train_classifier
+    from vitsem.train import TrainConfig
 
     home = home or _home()
     spec, cfg = ShortcutSpec(), TrainConfig()

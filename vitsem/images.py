@@ -110,10 +110,10 @@ def open_image(source: str | Path | bytes, *, name: str | None = None,
                 label, f"image data is truncated or corrupt ({e}); re-download or re-export it"
             ) from e
     try:
-        img = ImageOps.exif_transpose(img) or img
+        upright: Image.Image = ImageOps.exif_transpose(img) or img
     except (OSError, SyntaxError, ValueError, KeyError) as e:
         raise TruncatedImageError(label, f"corrupt EXIF orientation data ({e})") from e
-    return _to_8bit_rgb(img, label)
+    return _to_8bit_rgb(upright, label)
 
 
 def list_images(folder: str | Path) -> list[Path]:

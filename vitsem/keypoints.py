@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -45,8 +45,8 @@ class SiftParams:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def create(self) -> cv2.SIFT:
-        return cv2.SIFT_create(
+    def create(self) -> Any:
+        return cv2.SIFT_create(  # type: ignore[attr-defined]
             nfeatures=self.nfeatures,
             nOctaveLayers=self.n_octave_layers,
             contrastThreshold=self.contrast_threshold,
@@ -122,7 +122,8 @@ def detect_sift(image: np.ndarray, params: SiftParams = SiftParams()) -> Keypoin
     def grab(name: str, dtype: type) -> np.ndarray:
         return np.fromiter(map(attrgetter(name), kps), dtype=dtype, count=n)
 
-    xy = np.asarray(cv2.KeyPoint_convert(kps), np.float32).reshape(n, 2)
+    pts = cv2.KeyPoint_convert(kps)  # type: ignore[attr-defined]
+    xy = np.asarray(pts, np.float32).reshape(n, 2)
     return Keypoints(
         xy=xy,
         size=grab("size", np.float32),

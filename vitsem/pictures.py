@@ -8,13 +8,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Circle, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, Rectangle
 
-from vitsem.concentration import TokenGrid  # noqa: E402
-from vitsem.pipeline import AnalysisResult, Example  # noqa: E402
+from vitsem.concentration import TokenGrid
+from vitsem.pipeline import AnalysisResult, Example
 
 LEVEL_COLOURS = ("none", "#ffd400", "#ff2d2d", "#9b30ff", "#00c8ff")
 
@@ -27,7 +27,7 @@ def _upsample(values: np.ndarray, grid: TokenGrid) -> np.ndarray:
 
 def _draw_keypoints(ax: plt.Axes, ex: Example, grid: TokenGrid) -> None:
     ax.imshow(ex.view)
-    gh, gw = grid.grid_hw
+    _gh, gw = grid.grid_hw
     ph, pw = grid.patch_hw
     for idx in np.flatnonzero(ex.levels > 0):
         r, c = divmod(int(idx), gw)

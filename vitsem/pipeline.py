@@ -33,8 +33,8 @@ class AnalysisConfig:
     level_thresholds: tuple[float, ...] | None = None
     batch_size: int = 32
     workers: int | None = None
-    sift: SiftParams = SiftParams()
-    limits: ImageLimits = ImageLimits()
+    sift: SiftParams = field(default_factory=SiftParams)
+    limits: ImageLimits = field(default_factory=ImageLimits)
     num_examples: int = 4
     device: str = "cpu"
 

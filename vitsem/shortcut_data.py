@@ -200,8 +200,8 @@ def _texture(label: int, s: int, rng: np.random.Generator) -> np.ndarray:
 
 def _glyph_box(spec: ShortcutSpec, obj_box: list[int], rng: np.random.Generator) -> list[int]:
     s = spec.image_size
-    g = max(8, int(round(spec.glyph_size * s)))
-    margin = int(round(0.1 * s))  # inside the centre crop of the usual eval transform
+    g = max(8, round(spec.glyph_size * s))
+    margin = round(0.1 * s)  # inside the centre crop of the usual eval transform
     if spec.position == "fixed":
         return [margin, margin, margin + g, margin + g]
     best = None

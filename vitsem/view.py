@@ -44,7 +44,7 @@ class ModelView:
             return img
 
         return cls(
-            input_size=tuple(cfg["input_size"]),  # type: ignore[arg-type]
+            input_size=tuple(cfg["input_size"]),
             mean=tuple(float(m) for m in cfg["mean"]),  # type: ignore[arg-type]
             std=tuple(float(s) for s in cfg["std"]),  # type: ignore[arg-type]
             data_config=cfg,

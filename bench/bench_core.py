@@ -1,0 +1,174 @@
+"""Core benchmark (issue 2): capture overhead, SIFT scaling, analysis memory.
+
+Prints, measured side by side in this one run on the same model, batch and device:
+  (a) plain inference throughput with timm's fused attention,
+  (b) inference + full attention capture + every interrelation statistic, and (b)/(a);
+  (c) SIFT images/s on one core and on all cores, and the parallel efficiency;
+  (d) peak memory (max RSS) of a 5,000-image analysis against a 500-image one.
+
+    .venv/bin/python bench/bench_core.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from vitsem.analysis import InterrelationAnalyzer, SemanticBatch
+from vitsem.attention import token_layout
+from vitsem.concentration import concentration
+from vitsem.keypoints import ViewedKeypoints, default_workers, sift_files
+from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+from vitsem.view import ModelView
+
+
+def sample_images(folder: Path, n: int) -> list[Path]:
+    """Real photographs from scikit-image, written as files and cycled to ``n`` paths."""
+    from skimage import data
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry",
+             "hubble_deep_field", "retina"]
+    from PIL import Image
+
+    files = []
+    for name in names:
+        try:
+            arr = getattr(data, name)()
+        except Exception:  # some images need optional downloads
+            continue
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            p = folder / f"{name}.png"
+            Image.fromarray(arr).save(p)
+            files.append(p)
+    return [files[i % len(files)] for i in range(n)]
+
+
+def bench_capture(paths: list[Path], batch: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    view = ModelView.from_model(model)
+    layout = token_layout(model, view.hw)
+    items = [it for it in sift_files(paths[:batch], view, workers=1)
+             if isinstance(it, ViewedKeypoints)]
+    c = np.stack([concentration(it.keypoints, layout.grid) for it in items])
+    x = view.to_tensor(np.stack([it.view for it in items]))
+    sem = SemanticBatch.from_concentrations(c)
+    analyzer = InterrelationAnalyzer(model, layout)
+    plain, full = [], []
+    with torch.inference_mode():
+        model(x)
+        analyzer.run(x, sem)  # warm-up: allocator, workspaces
+        for _ in range(repeats):  # interleaved so drift hits both alike
+            t = time.perf_counter()
+            model(x)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            analyzer.run(x, sem)
+            full.append(time.perf_counter() - t)
+    a = batch / statistics.median(plain)
+    b = batch / statistics.median(full)
+    return {"batch": batch, "threads": torch.get_num_threads(), "plain_img_s": a,
+            "capture_stats_img_s": b, "ratio": b / a}
+
+
+def bench_sift(paths: list[Path], repeats: int) -> dict[str, float]:
+    model = timm.create_model("vit_small_patch16_224", pretrained=False)
+    view = ModelView.from_model(model)
+    n_all = default_workers()
+
+    def run(workers: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = list(sift_files(paths, view, workers=workers, chunksize=8))
+            times.append(time.perf_counter() - t)
+            assert len(out) == len(paths)
+        return len(paths) / statistics.median(times)
+
+    run(n_all)  # warm the page cache
+    one = run(1)
+    many = run(n_all)
+    return {"images": len(paths), "cores": n_all, "one_core_img_s": one,
+            "all_cores_img_s": many, "parallel_efficiency": many / one / n_all}
+
+
+MEMORY_CHILD = """
+import resource, sys, timm
+from vitsem.pipeline import AnalysisConfig, analyze_images
+from vitsem.shortcut_data import ShortcutDataset
+ds = ShortcutDataset.load(sys.argv[1])
+paths = [ds.root / s.file for s in ds.samples][: int(sys.argv[2])]
+model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=6,
+                          num_classes=3).eval()
+rows = 0
+def count(batch):
+    global rows
+    rows += len(batch)
+r = analyze_images(model, paths, AnalysisConfig(batch_size=32), on_rows=count)
+assert r.num_images == len(paths) == rows
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(small: int, large: int, tmp: Path) -> dict[str, float]:
+    root = make_shortcut_dataset(tmp / "mem", ShortcutSpec(n_train=large, n_test=0))
+
+    def peak(n: int) -> float:
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(root), str(n)],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
+
+    def with_time(n: int) -> tuple[float, float]:
+        t = time.perf_counter()
+        return peak(n), time.perf_counter() - t
+
+    small_mb, small_s = with_time(small)
+    large_mb, large_s = with_time(large)
+    return {"small_images": small, "large_images": large, "small_peak_mib": small_mb,
+            "large_peak_mib": large_mb, "ratio": large_mb / small_mb,
+            "small_seconds": small_s, "large_seconds": large_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and images")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = ap.parse_args()
+    repeats = 3 if args.quick else 7
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = sample_images(tmp, 128 if args.quick else 256)
+        cap = bench_capture(paths, batch=32, repeats=repeats)
+        print(f"(a) plain inference, fused attention : {cap['plain_img_s']:8.1f} img/s "
+              f"(vit_small_patch16_224, batch {cap['batch']}, CPU, {cap['threads']} threads)")
+        print(f"(b) + capture + all statistics       : {cap['capture_stats_img_s']:8.1f} img/s")
+        print(f"    ratio (b)/(a)                    : {cap['ratio']:8.3f}   target >= 0.85")
+        sift = bench_sift(paths, repeats=2 if args.quick else 3)
+        print(f"(c) SIFT, 1 core                     : {sift['one_core_img_s']:8.1f} img/s "
+              f"({sift['images']} images at 224 px)")
+        print(f"    SIFT, {sift['cores']} cores                    : "
+              f"{sift['all_cores_img_s']:8.1f} img/s")
+        print(f"    parallel efficiency              : {sift['parallel_efficiency']:8.3f}   "
+              "target >= 0.85")
+        mem = bench_memory(500, 1000 if args.quick else 5000, tmp)
+        print(f"(d) peak RSS, {mem['small_images']} images             : "
+              f"{mem['small_peak_mib']:8.1f} MiB ({mem['small_seconds']:.0f} s)")
+        print(f"    peak RSS, {mem['large_images']} images            : "
+              f"{mem['large_peak_mib']:8.1f} MiB ({mem['large_seconds']:.0f} s)")
+        print(f"    ratio                            : {mem['ratio']:8.3f}   target <= 1.2")
+    if args.json:
+        args.json.write_text(json.dumps({"capture": cap, "sift": sift, "memory": mem}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
