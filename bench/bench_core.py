@@ -116,7 +116,9 @@ def count(batch):
     rows += len(batch)
 r = analyze_images(model, paths, AnalysisConfig(batch_size=32), on_rows=count)
 assert r.num_images == len(paths) == rows
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+import os
+rss_now = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_now)
 """
 
 
@@ -126,16 +128,19 @@ def bench_memory(small: int, large: int, tmp: Path) -> dict[str, float]:
     def peak(n: int) -> float:
         out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(root), str(n)],
                              capture_output=True, text=True, check=True)
-        return int(out.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
+        peak_kib, end_kib = out.stdout.strip().splitlines()[-1].split()
+        return int(peak_kib) / 1024, int(end_kib) / 1024  # KiB -> MiB
 
-    def with_time(n: int) -> tuple[float, float]:
+    def with_time(n: int) -> tuple[float, float, float]:
         t = time.perf_counter()
-        return peak(n), time.perf_counter() - t
+        mb, end = peak(n)
+        return mb, end, time.perf_counter() - t
 
-    small_mb, small_s = with_time(small)
-    large_mb, large_s = with_time(large)
+    small_mb, small_end, small_s = with_time(small)
+    large_mb, large_end, large_s = with_time(large)
     return {"small_images": small, "large_images": large, "small_peak_mib": small_mb,
             "large_peak_mib": large_mb, "ratio": large_mb / small_mb,
+            "small_end_rss_mib": small_end, "large_end_rss_mib": large_end,
             "small_seconds": small_s, "large_seconds": large_s}
 
 
@@ -162,9 +167,11 @@ def main() -> None:
               "target >= 0.85")
         mem = bench_memory(500, 1000 if args.quick else 5000, tmp)
         print(f"(d) peak RSS, {mem['small_images']} images             : "
-              f"{mem['small_peak_mib']:8.1f} MiB ({mem['small_seconds']:.0f} s)")
+              f"{mem['small_peak_mib']:8.1f} MiB ({mem['small_seconds']:.0f} s; "
+              f"RSS at the end {mem['small_end_rss_mib']:.1f} MiB)")
         print(f"    peak RSS, {mem['large_images']} images            : "
-              f"{mem['large_peak_mib']:8.1f} MiB ({mem['large_seconds']:.0f} s)")
+              f"{mem['large_peak_mib']:8.1f} MiB ({mem['large_seconds']:.0f} s; "
+              f"RSS at the end {mem['large_end_rss_mib']:.1f} MiB)")
         print(f"    ratio                            : {mem['ratio']:8.3f}   target <= 1.2")
     if args.json:
         args.json.write_text(json.dumps({"capture": cap, "sift": sift, "memory": mem}, indent=2))
