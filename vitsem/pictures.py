@@ -49,7 +49,7 @@ def attention_figure(ex: Example, result: AnalysisResult, class_names: list[str]
     grid = result.layout.grid
     layers, heads = result.num_layers, result.num_heads
     ncols = max(layers, heads) + 1
-    fig, axes = plt.subplots(2, ncols, figsize=(1.9 * ncols, 4.3), squeeze=False)
+    fig, axes = plt.subplots(2, ncols, figsize=(1.9 * ncols, 4.9), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     _draw_keypoints(axes[0, 0], ex, grid)
@@ -61,11 +61,16 @@ def attention_figure(ex: Example, result: AnalysisResult, class_names: list[str]
         axes[0, 1].text(0, 0.5, "model has no CLS token", fontsize=8)
         return fig
 
+    cmap = plt.get_cmap("inferno")
+
     def overlay(ax: plt.Axes, values: np.ndarray, title: str) -> None:
+        # Opacity follows attention, so the image stays visible where attention is low.
+        heat = _upsample(values / max(float(values.max()), 1e-12), grid)
+        rgba = cmap(heat)
+        rgba[..., 3] = 0.1 + 0.75 * heat
         ax.imshow(ex.view)
-        ax.imshow(_upsample(values, grid), cmap="inferno", alpha=0.6,
-                  extent=(-0.5, ex.view.shape[1] - 0.5, ex.view.shape[0] - 0.5, -0.5))
-        ax.set_title(title, fontsize=8)
+        ax.imshow(rgba, extent=(-0.5, ex.view.shape[1] - 0.5, ex.view.shape[0] - 0.5, -0.5))
+        ax.set_title(f"{title}\nmax {float(values.max()):.2f}", fontsize=7)
 
     for layer in range(layers):
         overlay(axes[0, layer + 1], ex.cls_maps[layer].mean(0), f"layer {layer} CLS (mean)")
