@@ -243,16 +243,17 @@ def sift(
 
 def print_profile(rows: list[dict[str, float]]) -> None:
     table = Table(title="semantic layer profile (1 = uniform attention)")
-    for col in ("layer", "semantic lift [95% CI]", "CLS focus [95% CI]", "head lift min..max",
-                "images"):
-        table.add_column(col, justify="right")
+    for col in ("layer", "lift", "lift 95% CI", "CLS focus", "focus 95% CI", "heads' lift",
+                "n"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
             f"{int(r['layer'])}",
-            f"{r['semantic_lift']:.3f} [{r['semantic_lift_ci_low']:.3f}, "
-            f"{r['semantic_lift_ci_high']:.3f}]",
-            f"{r['cls_focus']:.3f} [{r['cls_focus_ci_low']:.3f}, {r['cls_focus_ci_high']:.3f}]",
-            f"{r['lift_min_head']:.2f}..{r['lift_max_head']:.2f}",
+            f"{r['semantic_lift']:.3f}",
+            f"{r['semantic_lift_ci_low']:.3f}-{r['semantic_lift_ci_high']:.3f}",
+            f"{r['cls_focus']:.3f}",
+            f"{r['cls_focus_ci_low']:.3f}-{r['cls_focus_ci_high']:.3f}",
+            f"{r['lift_min_head']:.2f}-{r['lift_max_head']:.2f}",
             f"{int(r['images'])}",
         )
     console.print(table)
