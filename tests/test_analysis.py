@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitsem.analysis import InterrelationAnalyzer, SemanticBatch, interrelation_stats
-from vitsem.attention import TokenLayout, token_layout
+from vitsem.attention import AttentionBlock, TokenLayout, token_layout
 from vitsem.concentration import TokenGrid, concentration_levels, patch_weights
 from vitsem.stats import StatsAccumulator, StreamingMoments
 
@@ -52,14 +52,15 @@ def _reference(attn: np.ndarray, c: np.ndarray, prefix: int, has_cls: bool, k: i
                     [sum(app[i, j] * np.linalg.norm(pos[i] - pos[j]) for j in range(N))
                      for i in qs])
                 out["entropy"][b, h, la] = np.mean(
-                    [-sum(app[i, j] * math.log(app[i, j]) for j in range(N)) for i in qs])
+                    [-sum(app[i, j] * math.log(app[i, j]) for j in range(N) if app[i, j] > 0)
+                     for i in qs])
     return out
 
 
-def _random_case(b: int, h: int, prefix: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+def _random_case(b: int, h: int, prefix: int, seed: int) -> tuple[AttentionBlock, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     t = prefix + N
-    attn = (torch.randn(b, h, t, t, generator=g) * 2).softmax(-1)
+    attn = AttentionBlock.from_logits(torch.randn(b, h, t, t, generator=g) * 2)
     rng = np.random.default_rng(seed)
     c = rng.poisson(0.8, size=(b, N)).astype(np.float64)
     c[0] = 0.0  # an image with no keypoint
@@ -73,7 +74,7 @@ def test_matches_literal_reference(prefix: int, has_cls: bool) -> None:
     sem = SemanticBatch.from_concentrations(c)
     dist = torch.from_numpy(GRID.distances().astype(np.float32))
     ours = {k: v.numpy() for k, v in interrelation_stats(attn, sem, layout, dist).items()}
-    ref = _reference(attn.double().numpy(), c, prefix, has_cls)
+    ref = _reference(attn.probs.double().numpy(), c, prefix, has_cls)
     for name, value in ref.items():
         np.testing.assert_allclose(ours[name], value, rtol=2e-4, atol=2e-5, err_msg=name)
     assert np.isnan(ours["semantic_lift"][0]).all() and np.isnan(ours["cls_focus"][0]).all()
@@ -81,7 +82,7 @@ def test_matches_literal_reference(prefix: int, has_cls: bool) -> None:
 
 def test_uniform_attention_has_known_answers() -> None:
     t = 1 + N
-    attn = torch.full((1, 2, t, t), 1.0 / t)
+    attn = AttentionBlock.from_logits(torch.zeros(1, 2, t, t))
     c = np.zeros((1, N))
     c[0, [1, 2, 7]] = [1, 2, 3]
     layout = TokenLayout(1, True, GRID)
@@ -100,7 +101,7 @@ def test_attention_on_one_keypoint_patch() -> None:
     t = 1 + N
     attn = torch.full((1, 1, t, t), 1e-12)
     attn[..., 3 + 1] = 1.0  # every token attends to patch 3
-    attn = attn / attn.sum(-1, keepdim=True)
+    attn = AttentionBlock.from_logits((attn / attn.sum(-1, keepdim=True)).log())
     c = np.zeros((1, N))
     c[0, [3, 5]] = 1.0
     layout = TokenLayout(1, True, GRID)
@@ -170,3 +171,18 @@ def test_analyzer_over_a_real_model_batches_agree() -> None:
         np.testing.assert_allclose(v[2:], half.stats[name], rtol=1e-4, atol=1e-5)
     assert whole.cls_maps is not None and whole.cls_maps.shape == (4, 12, 3, 4)
     np.testing.assert_allclose(whole.cls_maps.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_masked_keys_count_as_zero_attention() -> None:
+    t = 1 + N
+    logits = torch.randn(2, 2, t, t)
+    logits[..., 1 + 4] = float("-inf")  # nobody may attend to patch 4
+    block = AttentionBlock.from_logits(logits)
+    assert block.masked
+    c = np.random.default_rng(1).poisson(1.0, size=(2, N)).astype(float)
+    layout = TokenLayout(1, True, GRID)
+    s = interrelation_stats(block, SemanticBatch.from_concentrations(c), layout,
+                            torch.from_numpy(GRID.distances().astype(np.float32)))
+    ref = _reference(block.probs.double().numpy(), c, 1, True)
+    for name, value in ref.items():
+        np.testing.assert_allclose(s[name].numpy(), value, rtol=2e-4, atol=2e-5, err_msg=name)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitsem.attention import TokenLayout, capture_attention, num_layers_heads
+from vitsem.attention import AttentionBlock, TokenLayout, capture_attention, num_layers_heads
 from vitsem.concentration import concentration_levels, patch_weights
 
 PER_HEAD_STATS: dict[str, str] = {
@@ -39,6 +39,13 @@ class SemanticBatch:
     semantic: torch.Tensor
     weights: torch.Tensor
     onehot: torch.Tensor
+
+    @property
+    def onehot_and_ones(self) -> torch.Tensor:
+        """(B, N, K + 1): level membership plus a column of ones, so one matmul gives the
+        per-level masses and the row sums."""
+        ones = torch.ones_like(self.onehot[..., :1])
+        return torch.cat([self.onehot, ones], -1)
 
     @classmethod
     def from_concentrations(cls, c: np.ndarray, num_levels: int = 3,
@@ -67,12 +74,13 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, torch.nan))
 
 
-def interrelation_stats(attn: torch.Tensor, sem: SemanticBatch, layout: TokenLayout,
+def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: TokenLayout,
                         distances: torch.Tensor, scratch: torch.Tensor | None = None
                         ) -> dict[str, torch.Tensor]:
-    """All :data:`PER_HEAD_STATS` for one block. ``attn`` (B, H, T, T) probabilities,
-    ``distances`` (N, N) patch distances, ``scratch`` an optional reusable (B, H, N, N)
-    float32 buffer. Returns tensors of shape (B, H, ...)."""
+    """All :data:`PER_HEAD_STATS` for one block. ``distances`` (N, N) patch distances,
+    ``scratch`` an optional reusable (B, H, N, N) float32 buffer. Returns tensors of shape
+    (B, H, ...)."""
+    attn = block.probs
     p = layout.num_prefix
     n = layout.grid.num_patches
     if attn.shape[-1] != p + n:
@@ -80,11 +88,13 @@ def interrelation_stats(attn: torch.Tensor, sem: SemanticBatch, layout: TokenLay
             f"attention has {attn.shape[-1]} tokens, layout expects {p} prefix + {n} patches"
         )
     pp = attn[..., p:, p:]
-    row = pp.sum(-1)  # (B, H, N); > 0 always: softmax is positive
-    inv_row = row.reciprocal()
     onehot = sem.onehot
-    # Per-query mass on each level: one batched matmul serves mass, lift and R.
-    level_mass = (pp @ onehot[:, None]) * inv_row[..., None]  # (B, H, N, K)
+    k = onehot.shape[-1]
+    # One batched matmul gives each query's mass on every level and its row sum r.
+    sums = pp @ sem.onehot_and_ones[:, None]  # (B, H, N, K + 1)
+    row = sums[..., k]  # (B, H, N); > 0: softmax is positive
+    inv_row = row.reciprocal()
+    level_mass = sums[..., :k] * inv_row[..., None]  # (B, H, N, K)
     counts = onehot.sum(1)  # (B, K)
     n_sem = sem.semantic.sum(1)  # (B,)
 
@@ -104,10 +114,12 @@ def interrelation_stats(attn: torch.Tensor, sem: SemanticBatch, layout: TokenLay
     if scratch is None or scratch.shape != pp.shape:
         scratch = torch.empty_like(pp)
     dist = torch.mul(pp, distances, out=scratch).sum(-1) * inv_row
-    # Row entropy of A_pp = P / r: H = log r - sum_j P log P / r. Softmax output is > 0 but
-    # can underflow to 0, where 0 * log 0 must count as 0.
-    torch.log(pp, out=scratch).nan_to_num_(neginf=0.0)
-    ent = row.log() - scratch.mul_(pp).sum(-1) * inv_row
+    # Row entropy of A_pp = P / r with log P = logits - log Z (no logarithm of the map):
+    # H = log Z + log r - sum_j P logits / r.
+    plogit = torch.mul(pp, block.logits[..., p:, p:], out=scratch)
+    if block.masked:  # 0 * -inf where a key is masked out: it contributes nothing
+        plogit.nan_to_num_(nan=0.0)
+    ent = block.log_partition[..., p:, 0] + row.log() - plogit.sum(-1) * inv_row
 
     if layout.has_cls:
         a_cls = attn[..., 0, p:]
@@ -163,14 +175,15 @@ class InterrelationAnalyzer:
         cls_rows: list[torch.Tensor] = []
         dist = self.distances(x.device)
 
-        def sink(_layer: int, attn: torch.Tensor) -> None:
+        def sink(_layer: int, block: AttentionBlock) -> None:
+            attn = block.probs
             p = self.layout.num_prefix
             shape = attn[..., p:, p:].shape
             if self._scratch is None or self._scratch.shape != shape:
                 self._scratch = torch.empty(shape, dtype=attn.dtype, device=attn.device)
-            per_layer.append(interrelation_stats(attn, sem, self.layout, dist, self._scratch))
+            per_layer.append(interrelation_stats(block, sem, self.layout, dist, self._scratch))
             if keep_cls_maps and self.layout.has_cls:
-                row = attn[..., 0, self.layout.num_prefix:]
+                row = attn[..., 0, p:]
                 cls_rows.append(row / row.sum(-1, keepdim=True))
 
         with capture_attention(self.model, sink):

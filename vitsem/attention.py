@@ -21,8 +21,32 @@ from torch.utils.hooks import RemovableHandle
 from vitsem.concentration import TokenGrid
 from vitsem.errors import UnsupportedModelError
 
-AttentionSink = Callable[[int, torch.Tensor], None]
-"""Called once per block with (layer index, attention probabilities (B, H, T, T))."""
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One block's attention, float32, without autograd.
+
+    ``probs`` (B, H, T, T) is ``softmax(q k^T / sqrt(d) + mask)``; ``logits`` (B, H, T, T) the
+    scaled scores minus each row's maximum (-inf where masked) and ``log_partition``
+    (B, H, T, 1) ``log sum_j exp(logits)``, so ``log probs = logits - log_partition`` without
+    taking a logarithm of the full map. ``masked`` says whether any logit is -inf.
+    """
+
+    probs: torch.Tensor
+    logits: torch.Tensor
+    log_partition: torch.Tensor
+    masked: bool
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> AttentionBlock:
+        """A block from raw attention scores (B, H, T, T), e.g. ``probs.log()``."""
+        shifted = (logits - logits.amax(-1, keepdim=True)).float()
+        log_z = shifted.logsumexp(-1, keepdim=True)
+        return cls((shifted - log_z).exp(), shifted, log_z, bool(torch.isinf(logits).any()))
+
+
+AttentionSink = Callable[[int, AttentionBlock], None]
+"""Called once per block with (layer index, its :class:`AttentionBlock`)."""
 
 
 @dataclass(frozen=True)
@@ -99,37 +123,41 @@ class _Workspace:
         return buf
 
 
-def _softmax_into(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None,
-                  causal: bool, ws: _Workspace) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) in float32, computed in a reused buffer."""
+def _attention_block(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None,
+                     causal: bool, ws: _Workspace) -> AttentionBlock:
+    """softmax(q k^T * scale + mask) in float32, computed in reused buffers."""
     b, h, t, _ = q.shape
     shape = torch.Size((b, h, t, k.shape[-2]))
-    attn = ws.get("attn", shape, q.device)
+    logits = ws.get("logits", shape, q.device)
     # q and k are strided views into the qkv projection; packing them into contiguous buffers
     # (scale folded into q) lets the batched matmul run without hidden copies.
     qc = torch.mul(q, scale, out=ws.get("q", q.shape, q.device))
     kc = ws.get("k", k.shape, k.device).copy_(k)
-    torch.matmul(qc, kc.transpose(-2, -1), out=attn)
+    torch.matmul(qc, kc.transpose(-2, -1), out=logits)
+    masked = causal or (mask is not None and mask.dtype == torch.bool)
     if causal:
         keep = torch.ones(t, shape[-1], dtype=torch.bool, device=q.device).tril()
-        attn.masked_fill_(~keep, float("-inf"))
+        logits.masked_fill_(~keep, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
-            attn.masked_fill_(~mask, float("-inf"))
+            logits.masked_fill_(~mask, float("-inf"))
         else:
-            attn.add_(mask.float())
-    attn.sub_(attn.amax(-1, keepdim=True)).exp_()
-    attn.div_(attn.sum(-1, keepdim=True))
-    return attn
+            logits.add_(mask.float())
+            masked = masked or bool(torch.isinf(mask).any())
+    logits.sub_(logits.amax(-1, keepdim=True))
+    probs = torch.exp(logits, out=ws.get("probs", shape, q.device))
+    partition = probs.sum(-1, keepdim=True)
+    probs.div_(partition)
+    return AttentionBlock(probs, logits, partition.log_(), masked)
 
 
 @contextmanager
 def capture_attention(model: nn.Module, sink: AttentionSink) -> Iterator[None]:
-    """Within the context, every forward pass calls ``sink(layer, attn)`` per block with the
-    softmax attention (B, H, T, T), float32, computed without autograd.
+    """Within the context, every forward pass calls ``sink(layer, block)`` per block with its
+    :class:`AttentionBlock`.
 
-    ``attn`` lives in a buffer that the next block overwrites: reduce it inside the sink, or
-    ``clone()`` it to keep it.
+    The block's tensors live in buffers that the next block overwrites: reduce them inside
+    the sink, or ``clone()`` what you keep.
     """
     handles: list[RemovableHandle] = []
     ws = _Workspace()
@@ -149,9 +177,9 @@ def capture_attention(model: nn.Module, sink: AttentionSink) -> Iterator[None]:
                    mod: nn.Module = mod, layer: int = layer) -> None:
             q = state.pop("q")
             with torch.no_grad():
-                attn = _softmax_into(q, k, float(mod.scale), state.get("mask"),  # type: ignore[arg-type]
-                                     state.get("causal", False), ws)
-                sink(layer, attn)
+                block = _attention_block(q, k, float(mod.scale),  # type: ignore[arg-type]
+                                         state.get("mask"), state.get("causal", False), ws)
+                sink(layer, block)
 
         handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(mod.q_norm.register_forward_hook(q_hook))  # type: ignore[union-attr]
@@ -171,6 +199,6 @@ def extract_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     with a sink that reduces each map as it comes.
     """
     maps: list[torch.Tensor] = []
-    with capture_attention(model, lambda _layer, a: maps.append(a.clone())):
+    with capture_attention(model, lambda _layer, block: maps.append(block.probs.clone())):
         out = model(x)
     return out, maps

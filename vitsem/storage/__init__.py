@@ -1,0 +1,1 @@
+"""Storage adapters (artifacts, metadata). They depend on the core, never the reverse."""

@@ -1,0 +1,257 @@
+"""Artifact store: one small interface over a local folder and S3-compatible storage.
+
+Keys are content-addressed (``content_key``): the same input and parameters always map to
+the same key, so finished work is found instead of recomputed, and a key is never
+overwritten with different bytes (:class:`ArtifactConflictError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+from urllib.parse import urlparse
+
+from vitsem.errors import VitsemError
+
+T = TypeVar("T")
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
+
+
+class ArtifactStoreError(VitsemError):
+    """The artifact store cannot be used (bad configuration, permanent fault)."""
+
+
+class ArtifactConflictError(ArtifactStoreError):
+    """A key already holds different bytes: content-addressed keys never change meaning."""
+
+
+class ArtifactNotFoundError(ArtifactStoreError):
+    """No artifact under that key."""
+
+
+def validate_key(key: str) -> str:
+    """Keys are relative paths of safe characters, without ``..`` or empty segments."""
+    if not _KEY.match(key) or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ArtifactStoreError(
+            f"invalid artifact key {key!r}: use letters, digits, '.', '_', '-' and '/' "
+            "separated segments, no '..'"
+        )
+    return key
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_key(kind: str, content_sha256: str, params_digest: str, suffix: str) -> str:
+    """``kind/params/ab/abcdef....suffix``: one key per (content, parameters)."""
+    return validate_key(
+        f"{kind}/{params_digest}/{content_sha256[:2]}/{content_sha256}.{suffix.lstrip('.')}")
+
+
+class ArtifactStore(Protocol):
+    uri: str
+
+    def put(self, key: str, data: bytes) -> str:
+        """Store ``data`` under ``key`` unless the same bytes are there; return its URI."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def put_file(self, key: str, path: Path) -> str:
+        """Upload a (possibly large) file; multipart where the backend has it."""
+
+    def uri_for(self, key: str) -> str: ...
+
+
+class LocalArtifactStore:
+    """A folder; writes are atomic (temp file + rename in the same folder)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def uri_for(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"no artifact {key!r} in {self.uri}") from None
+
+    def put(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        if path.is_file():
+            if sha256_bytes(path.read_bytes()) != sha256_bytes(data):
+                raise ArtifactConflictError(f"{key!r} already holds different content")
+            return path.as_uri()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path.as_uri()
+
+    def put_file(self, key: str, path: Path) -> str:
+        return self.put(key, Path(path).read_bytes())
+
+
+_PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled"}
+
+
+class S3ArtifactStore:
+    """S3 or any S3-compatible server (MinIO, moto). Endpoint, region and credentials come
+    from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+
+    Transient faults (connection refused, timeouts, throttling, 5xx) are retried with
+    exponential backoff for up to ``retry_seconds``; permanent ones raise at once.
+    """
+
+    def __init__(self, uri: str, *, retry_seconds: float = 60.0,
+                 multipart_threshold: int = 8 * 1024 * 1024) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ArtifactStoreError(f"not an s3:// URI: {uri!r}; use s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        if self.prefix:
+            validate_key(self.prefix)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.retry_seconds = retry_seconds
+        self._client = boto3.client("s3", config=Config(
+            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30))
+        self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                        multipart_chunksize=multipart_threshold)
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        delay, deadline = 0.5, time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                return fn()
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code in _PERMANENT_S3_CODES or (400 <= status < 500 and status != 429):
+                    if code in ("404", "NoSuchKey", "NotFound"):
+                        raise
+                    raise ArtifactStoreError(
+                        f"S3 {what} failed permanently on {self.uri}: {code or status}; check "
+                        "the bucket name and credentials"
+                    ) from None
+                err: Exception = e
+            except BotoCoreError as e:  # connection refused, timeouts, ...
+                err = e
+            if time.monotonic() + delay > deadline:
+                raise ArtifactStoreError(
+                    f"S3 {what} on {self.uri} kept failing for {self.retry_seconds:.0f} s "
+                    f"({type(err).__name__}); is the endpoint up?"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        def head() -> dict | None:
+            try:
+                return self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey",
+                                                                   "NotFound"):
+                    return None
+                raise
+
+        return self._call("head", head)
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self._call("get", lambda: self._client.get_object(Bucket=self.bucket,
+                                                                     Key=self._key(key)))
+        except ClientError:
+            raise ArtifactNotFoundError(f"no artifact {key!r} in {self.uri}") from None
+        return obj["Body"].read()
+
+    def put(self, key: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        head = self._head(key)
+        if head is not None:
+            if head.get("Metadata", {}).get("sha256") != digest:
+                raise ArtifactConflictError(f"{key!r} already holds different content")
+            return self.uri_for(key)
+        self._call("put", lambda: self._client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}))
+        return self.uri_for(key)
+
+    def put_file(self, key: str, path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        head = self._head(key)
+        if head is not None:
+            if head.get("Metadata", {}).get("sha256") != digest:
+                raise ArtifactConflictError(f"{key!r} already holds different content")
+            return self.uri_for(key)
+        self._call("upload", lambda: self._client.upload_file(
+            str(path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}},
+            Config=self._transfer))
+        return self.uri_for(key)
+
+
+STORES: dict[str, Callable[[str], ArtifactStore]] = {
+    "file": lambda uri: LocalArtifactStore(Path(urlparse(uri).path)),
+    "": lambda uri: LocalArtifactStore(Path(uri)),
+    "s3": lambda uri: S3ArtifactStore(uri),
+}
+
+
+def open_store(uri: str) -> ArtifactStore:
+    """The store for ``uri``: ``file:///folder``, a plain path, or ``s3://bucket/prefix``."""
+    scheme = urlparse(uri).scheme
+    factory = STORES.get(scheme)
+    if factory is None:
+        raise ArtifactStoreError(
+            f"unsupported artifact URI scheme {scheme!r} in {uri!r}; use file:// or s3://")
+    return factory(uri)
