@@ -117,3 +117,31 @@ def test_cuda_matches_cpu() -> None:
         assert torch.equal(out, model(x.cuda()))
     for a, b in zip(cpu_maps, gpu_maps, strict=True):
         torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=0)
+
+
+def test_concurrent_captures_on_one_model_do_not_mix() -> None:
+    import threading
+
+    model = _model("vit_tiny_patch16_224", {"img_size": 32})
+    inputs = [torch.randn(b, 3, 32, 32) for b in (1, 2, 3, 4)]
+    with torch.no_grad():
+        expected = [[m.shape for m in extract_attention(model, x)[1]] for x in inputs]
+    got: dict[int, list[torch.Size]] = {}
+
+    def work(i: int) -> None:
+        shapes: list[torch.Size] = []
+        with torch.no_grad():
+            for _ in range(3):
+                shapes.clear()
+                with capture_attention(model, lambda _l, blk: shapes.append(blk.probs.shape)):
+                    model(inputs[i])
+                plain = model(inputs[i])  # a plain forward meanwhile must not reach any sink
+                assert plain.shape[0] == inputs[i].shape[0]
+        got[i] = list(shapes)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(4)] == expected

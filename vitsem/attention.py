@@ -9,6 +9,8 @@ without capture, and the hooks are removed when the context exits.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,30 +153,55 @@ def _attention_block(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch
     return AttentionBlock(probs, logits, partition.log_(), masked)
 
 
+_CAPTURE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary())
+_LOCKS_GUARD = threading.Lock()
+
+
+def _capture_lock(model: nn.Module) -> threading.RLock:
+    with _LOCKS_GUARD:
+        lock = _CAPTURE_LOCKS.get(model)
+        if lock is None:
+            lock = _CAPTURE_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextmanager
 def capture_attention(model: nn.Module, sink: AttentionSink) -> Iterator[None]:
     """Within the context, every forward pass calls ``sink(layer, block)`` per block with its
     :class:`AttentionBlock`.
 
     The block's tensors live in buffers that the next block overwrites: reduce them inside
-    the sink, or ``clone()`` what you keep.
+    the sink, or ``clone()`` what you keep. Captures of one model from several threads run
+    one after another, and only forward passes of the capturing thread reach the sink.
     """
+    with _capture_lock(model):
+        yield from _capture(model, sink)
+
+
+def _capture(model: nn.Module, sink: AttentionSink) -> Iterator[None]:
     handles: list[RemovableHandle] = []
     ws = _Workspace()
+    owner = threading.get_ident()
     for layer, mod in enumerate(attention_modules(model)):
         state: dict[str, Any] = {}
 
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      state: dict[str, Any] = state) -> None:
+            if threading.get_ident() != owner:
+                return
             state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
             state["causal"] = bool(kwargs.get("is_causal", False))
 
         def q_hook(_m: nn.Module, _inp: Any, q: torch.Tensor,
                    state: dict[str, Any] = state) -> None:
-            state["q"] = q
+            if threading.get_ident() == owner:
+                state["q"] = q
 
         def k_hook(_m: nn.Module, _inp: Any, k: torch.Tensor, state: dict[str, Any] = state,
                    mod: nn.Module = mod, layer: int = layer) -> None:
+            if threading.get_ident() != owner:
+                return
             q = state.pop("q")
             with torch.no_grad():
                 block = _attention_block(q, k, float(mod.scale),  # type: ignore[arg-type]

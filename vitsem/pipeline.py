@@ -95,8 +95,10 @@ class AnalysisResult:
 PerImageSink = Callable[[list[dict[str, Any]]], None]
 
 
-def _run_batch(items: list[ViewedKeypoints], analyzer: InterrelationAnalyzer, view: ModelView,
-               cfg: AnalysisConfig, result: AnalysisResult, on_rows: PerImageSink | None) -> None:
+def analyze_batch(items: list[ViewedKeypoints], analyzer: InterrelationAnalyzer,
+                  view: ModelView, cfg: AnalysisConfig, result: AnalysisResult,
+                  on_rows: PerImageSink | None = None) -> None:
+    """Analyse one batch of viewed images into ``result`` (statistics, examples)."""
     grid = analyzer.layout.grid
     c = np.stack([concentration(it.keypoints, grid, cfg.weighting) for it in items])
     thresholds = None if cfg.level_thresholds is None else np.asarray(cfg.level_thresholds)
@@ -138,6 +140,15 @@ def _nanmean_last(v: np.ndarray) -> np.ndarray:
     return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
+def new_analysis(model: nn.Module, view: ModelView, config: AnalysisConfig
+                 ) -> tuple[InterrelationAnalyzer, AnalysisResult]:
+    """An analyzer for ``model`` at ``view``'s input size and an empty result to fill."""
+    layout = token_layout(model, view.hw)
+    analyzer = InterrelationAnalyzer(model, layout)
+    return analyzer, AnalysisResult(layout, analyzer.num_layers, analyzer.num_heads, config,
+                                    StatsAccumulator())
+
+
 def analyze_images(model: nn.Module, paths: Iterable[str | Path],
                    config: AnalysisConfig = AnalysisConfig(), *,
                    view: ModelView | None = None,
@@ -153,10 +164,7 @@ def analyze_images(model: nn.Module, paths: Iterable[str | Path],
     """
     model = model.to(config.device).eval()
     view = view or ModelView.from_model(model)
-    layout = token_layout(model, view.hw)
-    analyzer = InterrelationAnalyzer(model, layout)
-    result = AnalysisResult(layout, analyzer.num_layers, analyzer.num_heads, config,
-                            StatsAccumulator())
+    analyzer, result = new_analysis(model, view, config)
     batch: list[ViewedKeypoints] = []
     done = 0
     for item in sift_files(paths, view, config.sift, workers=config.workers,
@@ -169,12 +177,12 @@ def analyze_images(model: nn.Module, paths: Iterable[str | Path],
         else:
             batch.append(item)
             if len(batch) == config.batch_size:
-                _run_batch(batch, analyzer, view, config, result, on_rows)
+                analyze_batch(batch, analyzer, view, config, result, on_rows)
                 batch = []
         if progress is not None:
             progress(done)
     if batch:
-        _run_batch(batch, analyzer, view, config, result, on_rows)
+        analyze_batch(batch, analyzer, view, config, result, on_rows)
     return result
 
 

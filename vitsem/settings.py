@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +68,6 @@ class Settings(BaseSettings):
             "shard_size": str(self.shard_size),
         }
 
-    def __repr_args__(self):  # type: ignore[no-untyped-def]
+    def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
             yield key, redact(value) if isinstance(value, str) else value

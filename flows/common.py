@@ -1,0 +1,100 @@
+"""Shared flow plumbing: parameter models, task runners, inputs, summaries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+from sqlalchemy import update
+
+from vitsem.images import list_images
+from vitsem.jobs import ShardReport, context
+from vitsem.settings import Settings
+from vitsem.shortcut_data import DATASET_INFO, ShortcutDataset
+from vitsem.storage.db import FlowRun
+
+
+class DataParams(BaseModel):
+    """What to analyse and with which model."""
+
+    data: str = Field(description="Image folder, or a benchmark folder from `vitsem data make`.")
+    split: str = Field(default="test", description="Split of a benchmark folder.")
+    model: str | None = Field(default=None, description="timm model name.")
+    checkpoint: str | None = Field(default=None, description="Weights file (safetensors/pt).")
+    shard_size: int | None = Field(default=None, ge=1, description="Images per task.")
+
+
+def make_task_runner(settings: Settings | None = None) -> Any:
+    """The task runner chosen by ``VITSEM_TASK_RUNNER``: threads (default) or Dask."""
+    settings = settings or Settings()
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
+                                              "threads_per_worker": 1, "processes": True})
+    return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+
+
+def input_files(params: DataParams) -> tuple[list[str], str]:
+    """Sorted absolute paths to process and a data-set name."""
+    root = Path(params.data).resolve()
+    if (root / DATASET_INFO).is_file():
+        ds = ShortcutDataset.load(root)
+        return [str(p.resolve()) for p in ds.paths(params.split)], f"{root.name}:{params.split}"
+    if root.is_dir():
+        return [str(p) for p in list_images(root)], root.name
+    if root.is_file():
+        return [str(root)], root.name
+    raise FileNotFoundError(f"{params.data}: no such file or folder")
+
+
+def shards(files: list[str], size: int) -> list[list[str]]:
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+def start_run(settings: Settings, flow_name: str, params: dict[str, Any]) -> int:
+    from prefect.runtime import flow_run
+
+    ctx = context(settings)
+    with ctx.meta.session() as s:
+        row = FlowRun(flow_name=flow_name, prefect_flow_run_id=str(flow_run.id or ""),
+                      parameters=params)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def finish_run(settings: Settings, run_id: int, summary: dict[str, Any],
+               mlflow_run_id: str | None = None, status: str = "completed") -> None:
+    ctx = context(settings)
+    with ctx.meta.session() as s:
+        s.execute(update(FlowRun).where(FlowRun.id == run_id).values(
+            summary=summary, mlflow_run_id=mlflow_run_id, status=status,
+            finished_at=dt.datetime.now(dt.UTC)))
+
+
+def totals(reports: list[ShardReport]) -> dict[str, Any]:
+    rejected = [r for rep in reports for r in rep.rejected]
+    return {
+        "shards": len(reports),
+        "computed": sum(r.computed for r in reports),
+        "cached": sum(r.cached for r in reports),
+        "rejected": len(rejected),
+        "rejected_reasons": sorted({r["reason"] for r in rejected}),
+    }
+
+
+def summary_markdown(title: str, counts: dict[str, Any], rejected: list[dict[str, str]],
+                     extra: str = "") -> str:
+    lines = [f"# {title}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    if rejected:
+        lines += ["", "## Rejected images", "", "| file | reason | detail |", "|---|---|---|"]
+        lines += [f"| {Path(r['path']).name} | {r['reason']} | {r['detail'][:120]} |"
+                  for r in rejected[:50]]
+    return "\n".join(lines) + ("\n\n" + extra if extra else "")

@@ -1,0 +1,67 @@
+"""SIFT extraction flow: keypoints of every image as the model sees it, sharded over tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from flows.common import (
+    DataParams,
+    finish_run,
+    input_files,
+    make_task_runner,
+    shards,
+    start_run,
+    summary_markdown,
+    totals,
+)
+from vitsem import jobs
+from vitsem.jobs import ShardReport
+from vitsem.settings import Settings
+
+
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_jitter_factor=0.5)
+def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
+               model: str | None, checkpoint: str | None) -> ShardReport:
+    return jobs.sift_shard(settings, dataset_id, shard, paths, model, checkpoint)
+
+
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def register_inputs(settings: Settings, params: DataParams) -> tuple[int, list[str]]:
+    files, name = input_files(params)
+    ctx = jobs.context(settings)
+    jobs.register_model(ctx, params.model, params.checkpoint)
+    return ctx.meta.dataset(f"{params.data}#{params.split}", name), files
+
+
+def run_sift(settings: Settings, params: DataParams) -> tuple[int, list[ShardReport]]:
+    dataset_id, files = register_inputs(settings, params)
+    size = params.shard_size or settings.shard_size
+    parts = shards(files, size)
+    futures = sift_shard.map(unmapped(settings), unmapped(dataset_id), list(range(len(parts))),
+                             parts, unmapped(params.model), unmapped(params.checkpoint))
+    return dataset_id, [f.result() for f in futures]
+
+
+@flow(name="sift_extraction", task_runner=make_task_runner())
+def sift_extraction(params: DataParams) -> dict[str, Any]:
+    """Extract and store SIFT keypoints for every image; already stored ones are skipped."""
+    settings = Settings()
+    run_id = start_run(settings, "sift_extraction", params.model_dump())
+    try:
+        _, reports = run_sift(settings, params)
+    except BaseException:
+        finish_run(settings, run_id, {}, status="failed")
+        raise
+    counts = totals(reports)
+    rejected = [r for rep in reports for r in rep.rejected]
+    create_markdown_artifact(key="sift-extraction-summary",
+                             markdown=summary_markdown("SIFT extraction", counts, rejected),
+                             description="Images processed, found in the store, rejected")
+    finish_run(settings, run_id, counts)
+    return counts

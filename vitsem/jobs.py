@@ -1,0 +1,281 @@
+"""Sharded, idempotent units of work over the stores: what the Prefect tasks call.
+
+Each function takes plain values (paths, digests, settings) and can be called and tested
+without Prefect. Results are content-addressed in the artifact store and indexed in SQL, so
+a rerun (or a rerun after a crash) finds finished work instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Table
+from sqlalchemy.orm import Session
+
+from vitsem.errors import ImageError
+from vitsem.images import ImageLimits, open_image
+from vitsem.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, detect_sift
+from vitsem.models import ModelSpec, load_model
+from vitsem.pipeline import AnalysisConfig, AnalysisResult, analyze_batch, new_analysis
+from vitsem.settings import Settings
+from vitsem.stats import StatsAccumulator
+from vitsem.storage.artifacts import ArtifactStore, content_key, open_store, sha256_bytes
+from vitsem.storage.db import AnalysisShard, Image, KeypointSet, MetadataStore, ModelRecord
+from vitsem.view import ModelView
+
+
+@dataclass
+class ShardReport:
+    """What one shard did: counts of work ``computed`` and found ``cached``, and rejects."""
+
+    shard: int
+    computed: int = 0
+    cached: int = 0
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    image_sha256: list[str] = field(default_factory=list)
+    artifact_key: str | None = None
+    artifact_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    store: ArtifactStore
+    meta: MetadataStore
+
+
+@functools.lru_cache(maxsize=4)
+def _context(settings_json: str) -> Context:
+    settings = Settings.model_validate_json(settings_json)
+    return Context(settings, open_store(settings.resolved_artifact_uri()),
+                   MetadataStore(settings.resolved_database_url()))
+
+
+def context(settings: Settings) -> Context:
+    """Stores for ``settings``, opened once per process (tasks may run in Dask workers)."""
+    return _context(settings.model_dump_json())
+
+
+def _insert_ignore(session: Session, table: Table, values: dict[str, Any],
+                   keys: Sequence[str], update: Sequence[str] = ()) -> None:
+    """Portable INSERT ... ON CONFLICT DO NOTHING / UPDATE for SQLite and PostgreSQL."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = session.get_bind().dialect.name
+    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table).values(**values)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys),
+                                          set_={k: values[k] for k in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    session.execute(stmt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and views
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model: str | None, checkpoint: str | None) -> tuple[Any, ModelSpec, str]:
+    net, spec = load_model(model, checkpoint)
+    h = hashlib.sha256(spec.to_json().encode())
+    if checkpoint is not None:
+        with open(checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return net, spec, h.hexdigest()
+
+
+def load_model_cached(model: str | None, checkpoint: str | None) -> tuple[Any, ModelSpec, str]:
+    """(model, spec, checksum) loaded once per process; the checksum covers the weights file."""
+    return _load(model, checkpoint)
+
+
+def register_model(ctx: Context, model: str | None, checkpoint: str | None) -> str:
+    _, spec, checksum = load_model_cached(model, checkpoint)
+    with ctx.meta.session() as s:
+        _insert_ignore(s, ModelRecord.__table__, {  # type: ignore[arg-type]
+            "checksum": checksum, "name": spec.name, "source": checkpoint or spec.name,
+            "spec": json.loads(spec.to_json())}, ["checksum"])
+    return checksum
+
+
+def keypoint_params_digest(view: ModelView, sift: SiftParams) -> str:
+    """Keypoints depend on the view geometry and the SIFT parameters, not on the weights."""
+    cfg = {k: view.data_config.get(k) for k in ("input_size", "crop_pct", "crop_mode",
+                                                 "interpolation")}
+    blob = json.dumps({"view": cfg, "sift": asdict(sift)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _keypoints_bytes(k: Keypoints) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **k.to_arrays())  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _keypoints_from_bytes(data: bytes) -> Keypoints:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return Keypoints.from_arrays({k: z[k] for k in z.files})
+
+
+# ---------------------------------------------------------------------------------------------
+# SIFT extraction
+
+
+def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[str],
+               model: str | None, checkpoint: str | None,
+               sift: SiftParams = SiftParams(), limits: ImageLimits = ImageLimits()
+               ) -> ShardReport:
+    """SIFT on each image of a shard, unless its keypoints are already stored."""
+    ctx = context(settings)
+    net, _, _ = load_model_cached(model, checkpoint)
+    view = ModelView.from_model(net)
+    digest = keypoint_params_digest(view, sift)
+    report = ShardReport(shard)
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            _reject(ctx, dataset_id, path, None, "unreadable", str(e), report)
+            continue
+        sha = sha256_bytes(data)
+        key = content_key("keypoints", sha, digest, "npz")
+        if ctx.store.exists(key):
+            report.cached += 1
+            uri = ctx.store.uri_for(key)
+            n_kp = None
+        else:
+            try:
+                arr = view.geometry_array(open_image(data, name=path, limits=limits))
+            except ImageError as e:
+                _reject(ctx, dataset_id, path, sha, e.reason, e.detail, report)
+                continue
+            kps = detect_sift(arr, sift)
+            uri = ctx.store.put(key, _keypoints_bytes(kps))
+            n_kp = len(kps)
+            report.computed += 1
+        report.image_sha256.append(sha)
+        with ctx.meta.session() as s:
+            _insert_ignore(s, Image.__table__, {  # type: ignore[arg-type]
+                "dataset_id": dataset_id, "path": path, "sha256": sha, "size_bytes": len(data),
+                "status": "ok", "rejection_reason": None, "rejection_detail": None},
+                ["dataset_id", "path"], update=["sha256", "size_bytes", "status",
+                                                 "rejection_reason", "rejection_detail"])
+            if n_kp is not None:
+                _insert_ignore(s, KeypointSet.__table__, {  # type: ignore[arg-type]
+                    "image_sha256": sha, "params_digest": digest, "artifact_uri": uri,
+                    "num_keypoints": n_kp}, ["image_sha256", "params_digest"])
+    return report
+
+
+def _reject(ctx: Context, dataset_id: int, path: str, sha: str | None, reason: str,
+            detail: str, report: ShardReport) -> None:
+    report.rejected.append({"path": path, "reason": reason, "detail": detail})
+    with ctx.meta.session() as s:
+        _insert_ignore(s, Image.__table__, {  # type: ignore[arg-type]
+            "dataset_id": dataset_id, "path": path, "sha256": sha, "size_bytes": None,
+            "status": "rejected", "rejection_reason": reason, "rejection_detail": detail},
+            ["dataset_id", "path"], update=["sha256", "status", "rejection_reason",
+                                             "rejection_detail"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention analysis
+
+
+def analysis_params_digest(cfg: AnalysisConfig, view: ModelView) -> str:
+    blob = json.dumps({"cfg": asdict(cfg) | {"workers": None, "device": None,
+                                              "num_examples": None, "batch_size": None},
+                       "view": view.data_config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def analyze_shard(settings: Settings, shard: int, paths: Sequence[str], model: str | None,
+                  checkpoint: str | None, cfg: AnalysisConfig = AnalysisConfig()) -> ShardReport:
+    """Streaming interrelation statistics of a shard's readable images, stored as JSON.
+
+    Keypoints come from the store (SIFT runs for any image whose keypoints are missing)."""
+    ctx = context(settings)
+    net, _, checksum = load_model_cached(model, checkpoint)
+    view = ModelView.from_model(net)
+    kp_digest = keypoint_params_digest(view, cfg.sift)
+    params = analysis_params_digest(cfg, view)
+    items, report = [], ShardReport(shard)
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+            arr = view.geometry_array(open_image(data, name=path, limits=cfg.limits))
+        except ImageError as e:
+            report.rejected.append({"path": path, "reason": e.reason, "detail": e.detail})
+            continue
+        except OSError as e:
+            report.rejected.append({"path": path, "reason": "unreadable", "detail": str(e)})
+            continue
+        sha = sha256_bytes(data)
+        key = content_key("keypoints", sha, kp_digest, "npz")
+        if ctx.store.exists(key):
+            kps = _keypoints_from_bytes(ctx.store.get(key))
+        else:
+            kps = detect_sift(arr, cfg.sift)
+            ctx.store.put(key, _keypoints_bytes(kps))
+        report.image_sha256.append(sha)
+        items.append(ViewedKeypoints(path, arr, kps))
+    shard_digest = hashlib.sha256("\n".join(sorted(report.image_sha256)).encode()).hexdigest()
+    key = content_key("analysis", shard_digest, f"{checksum[:16]}-{params}", "json")
+    report.artifact_key = key
+    if ctx.store.exists(key):
+        report.cached = len(items)
+        report.artifact_uri = ctx.store.uri_for(key)
+    else:
+        analyzer, result = new_analysis(net, view, cfg)
+        for i in range(0, len(items), cfg.batch_size):
+            analyze_batch(items[i:i + cfg.batch_size], analyzer, view, cfg, result)
+        body = json.dumps(result.stats.to_dict()).encode()
+        report.artifact_uri = ctx.store.put(key, body)
+        report.computed = len(items)
+    with ctx.meta.session() as s:
+        _insert_ignore(s, AnalysisShard.__table__, {  # type: ignore[arg-type]
+            "model_checksum": checksum, "params_digest": params, "shard_digest": shard_digest,
+            "artifact_uri": report.artifact_uri, "num_images": len(items)},
+            ["model_checksum", "params_digest", "shard_digest"])
+    return report
+
+
+def merge_analysis(settings: Settings, reports: Sequence[ShardReport], model: str | None,
+                   checkpoint: str | None, cfg: AnalysisConfig = AnalysisConfig(),
+                   example_paths: Sequence[str] = ()) -> AnalysisResult:
+    """Merge the shards' stored statistics into one result (in shard order, so any runner
+    gives identical numbers) and draw ``cfg.num_examples`` example images for pictures."""
+    ctx = context(settings)
+    net, _, _ = load_model_cached(model, checkpoint)
+    view = ModelView.from_model(net)
+    analyzer, result = new_analysis(net, view, cfg)
+    for rep in sorted(reports, key=lambda r: r.shard):
+        if rep.artifact_key is not None:
+            shard_stats = json.loads(ctx.store.get(rep.artifact_key))
+            result.stats.merge(StatsAccumulator.from_dict(shard_stats))
+        result.rejected.extend(Rejected(r["path"], r["reason"], r["detail"])
+                               for r in rep.rejected)
+    examples = []
+    for path in example_paths[: cfg.num_examples]:
+        try:
+            arr = view.geometry_array(open_image(path, limits=cfg.limits))
+        except ImageError:
+            continue
+        examples.append(ViewedKeypoints(path, arr, detect_sift(arr, cfg.sift)))
+    if examples:
+        scratch = AnalysisResult(result.layout, result.num_layers, result.num_heads, cfg,
+                                 StatsAccumulator())
+        analyze_batch(examples, analyzer, view, cfg, scratch)
+        result.examples = scratch.examples
+    return result

@@ -1,0 +1,174 @@
+"""Metadata store: SQLAlchemy 2 models, sessions and Alembic migrations.
+
+Unique constraints make reruns idempotent: the same image, keypoint set, model or analysis
+shard is one row however often a flow runs. Works on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from vitsem.errors import VitsemError
+from vitsem.settings import redact
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uri: Mapped[str] = mapped_column(String(1024), unique=True)
+    name: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Image(Base):
+    """One input file of a data set; ``status`` is ``ok`` or ``rejected`` (with a reason)."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("dataset_id", "path", name="uq_image_dataset_path"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="ok")
+    rejection_reason: Mapped[str | None] = mapped_column(String(64))
+    rejection_detail: Mapped[str | None] = mapped_column(Text)
+
+
+class KeypointSet(Base):
+    """SIFT keypoints of one image content under one (view, SIFT) parameter set."""
+
+    __tablename__ = "keypoint_sets"
+    __table_args__ = (UniqueConstraint("image_sha256", "params_digest", name="uq_keypoints"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    params_digest: Mapped[str] = mapped_column(String(64))
+    artifact_uri: Mapped[str] = mapped_column(String(1024))
+    num_keypoints: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ModelRecord(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checksum: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(1024))
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class FlowRun(Base):
+    __tablename__ = "flow_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    flow_name: Mapped[str] = mapped_column(String(128), index=True)
+    prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(32), default="running")
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AnalysisShard(Base):
+    """Streaming statistics of one shard of images under one model and parameter set."""
+
+    __tablename__ = "analysis_shards"
+    __table_args__ = (UniqueConstraint("model_checksum", "params_digest", "shard_digest",
+                                       name="uq_analysis_shard"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_checksum: Mapped[str] = mapped_column(String(64))
+    params_digest: Mapped[str] = mapped_column(String(64))
+    shard_digest: Mapped[str] = mapped_column(String(64))
+    artifact_uri: Mapped[str] = mapped_column(String(1024))
+    num_images: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and foreign keys so threads can share it."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except Exception as e:  # bad URL or missing driver
+        raise VitsemError(f"cannot use database {redact(url)}: {e}") from None
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+    return engine
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply the Alembic migrations to ``url`` (``vitsem db upgrade``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["url"] = url
+    command.upgrade(cfg, revision)
+
+
+class MetadataStore:
+    """Sessions over a migrated database."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        if migrate:
+            upgrade(url)
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def dataset(self, uri: str, name: str) -> int:
+        """The id of the data set at ``uri``, created on first use."""
+        with self.session() as s:
+            found = s.scalar(select(Dataset.id).where(Dataset.uri == uri))
+            if found is not None:
+                return found
+            row = Dataset(uri=uri, name=name)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def __repr__(self) -> str:
+        return f"MetadataStore({redact(self.url)!r})"

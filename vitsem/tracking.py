@@ -1,0 +1,93 @@
+"""MLflow adapter: one experiment per flow, layer as the metric step, secrets never logged."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vitsem.pipeline import AnalysisResult
+from vitsem.settings import Settings, redact
+
+
+def _client(settings: Settings) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.resolved_mlflow_uri())
+    return mlflow.MlflowClient(settings.resolved_mlflow_uri())
+
+
+def experiment_id(settings: Settings, flow_name: str) -> str:
+    """The experiment ``vitsem/<flow>``, created on first use with its artifacts beside the
+    project's artifact store (S3 when configured)."""
+    client = _client(settings)
+    name = f"vitsem/{flow_name}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = settings.resolved_artifact_uri().rstrip("/") + "/mlflow"
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except Exception:  # created concurrently by another run
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def _param(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return redact(text)[:6000]
+
+
+def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
+                 result: AnalysisResult, files: list[Path], tags: dict[str, str] | None = None
+                 ) -> str:
+    """Log ``params`` (redacted), the layer profile and per-head statistics (step = layer)
+    and ``files`` (stats.json, pictures) to a new run; returns its run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(settings)
+    run = client.create_run(experiment_id(settings, flow_name),
+                            tags={"vitsem.flow": flow_name, **(tags or {})})
+    run_id = str(run.info.run_id)
+    try:
+        metrics = []
+        summary = result.summary()
+        ts = int(run.info.start_time)
+        for row in result.layer_profile():
+            layer = int(row["layer"])
+            for name in ("semantic_lift", "cls_focus"):
+                if row[name] == row[name]:  # not NaN
+                    metrics.append(Metric(name, row[name], ts, layer))
+            for name in ("semantic_lift", "cls_focus", "semantic_mass"):
+                per_head = summary[name].mean[layer]
+                metrics += [Metric(f"{name}.head{h}", float(v), ts, layer)
+                            for h, v in enumerate(per_head) if v == v]
+        metrics.append(Metric("images", float(result.num_images), ts, 0))
+        metrics.append(Metric("rejected", float(len(result.rejected)), ts, 0))
+        client.log_batch(run_id, metrics=metrics,
+                         params=[Param(k, _param(v)) for k, v in sorted(params.items())],
+                         tags=[RunTag("vitsem.settings", _param(settings.public_dict()))])
+        for f in files:
+            client.log_artifact(run_id, str(f))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
+def run_url(settings: Settings, run_id: str) -> str | None:
+    """A link to the run in the MLflow UI when the tracking URI is a server."""
+    uri = settings.resolved_mlflow_uri()
+    if not uri.startswith("http"):
+        return None
+    client = _client(settings)
+    exp = client.get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="vitsem-mlflow-"))
