@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.services import MotoServer, postgres_database
+
 from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
 from vitsem.train import TrainConfig, train_classifier
+
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +33,36 @@ def small_checkpoint(small_dataset: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     train_classifier(small_dataset, out, TrainConfig(epochs=1, depth=2, batch_size=32))
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL (fails, not skips, with CI=true)."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_bucket(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new bucket on the moto server, with the AWS variables pointing at it."""
+    for k, v in moto.env().items():
+        monkeypatch.setenv(k, v)
+    name = f"vitsem-{uuid.uuid4().hex[:8]}"
+    moto.create_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A real, temporary Prefect API server for flow runs in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -16,10 +16,16 @@ from rich.table import Table
 
 from vitsem.errors import VitsemError
 
+# Prefect's ephemeral server writes telemetry to its SQLite file while flows start, which
+# races with the flow's own writes ("database is locked" noise); the CLI needs none of it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(help="Explain and audit Vision Transformers through SIFT keypoints.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="The shipped shortcut benchmark.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+db_app = typer.Typer(help="The metadata database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console()
 
 
@@ -312,6 +318,110 @@ def analyze(
         console.print(f"  [yellow]skipped[/] {r.path}: {r.reason}: {r.detail}")
     console.print(f"results in [bold]{out}[/]: stats.json, per_image.parquet, rejected.jsonl, "
                   f"{len(pictures)} pictures")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
+               ) -> None:
+    """Apply the schema migrations to VITSEM_DATABASE_URL (default: SQLite under home)."""
+    from vitsem.settings import Settings
+    from vitsem.storage.db import upgrade
+
+    settings = Settings()
+    try:
+        upgrade(settings.resolved_database_url(), revision)
+    except VitsemError as e:
+        raise _fail(e) from e
+    console.print(f"database at {settings.public_dict()['database_url']} is at {revision}")
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Show the resolved settings (secrets redacted)."""
+    from vitsem.settings import Settings
+
+    for key, value in Settings().public_dict().items():
+        console.print(f"{key:22s} {value}")
+
+
+AUDIT_CRON = "0 3 * * *"
+
+
+def audit_parameters(data: Path | None, checkpoint: Path | None, model: str | None
+                     ) -> dict[str, Any]:
+    if data is None or (checkpoint is None and model is None):
+        d, c = ensure_default_model()
+        data, checkpoint = data or d, checkpoint or (c if model is None else None)
+    return {"params": {"data": str(Path(data).resolve()), "model": model,
+                       "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}}
+
+
+@app.command()
+def serve(
+    data: Annotated[Path | None, typer.Option(help="Data set the audit runs on.")] = None,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    cron: Annotated[str, typer.Option(help="Schedule of the model audit.")] = AUDIT_CRON,
+) -> None:
+    """Serve the flows as Prefect deployments: `model_audit/scheduled-audit` on a cron
+    schedule, plus `sift_extraction/on-demand` and `attention_analysis/on-demand` to trigger
+    from the Prefect UI or `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
+    from prefect import serve as prefect_serve
+
+    from flows.attention_analysis import attention_analysis
+    from flows.model_audit import model_audit
+    from flows.sift_extraction import sift_extraction
+
+    params = audit_parameters(data, checkpoint, model)
+    deployments: list[Any] = [
+        model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
+                                  description="Nightly audit of the configured model"),
+        sift_extraction.to_deployment(name="on-demand", parameters=params),
+        attention_analysis.to_deployment(name="on-demand", parameters=params),
+    ]
+    prefect_serve(*deployments)
+
+
+@app.command()
+def demo() -> None:
+    """Run the whole pipeline through the flows on the embedded defaults: benchmark data, a
+    tiny ViT (trained once, registered in MLflow), SIFT extraction and attention analysis.
+    Ends by printing where everything is."""
+    import time
+
+    from flows.attention_analysis import AnalysisParams
+    from flows.model_audit import model_audit
+    from vitsem.settings import Settings
+    from vitsem.tracking import register_checkpoint
+
+    t0 = time.perf_counter()
+    settings = Settings()
+    try:
+        data_dir, ckpt = ensure_default_model(settings.home)
+        marker = ckpt.with_suffix(".registered")
+        if not marker.exists():
+            run_id, version = register_checkpoint(
+                settings, ckpt, "vitsem-tiny-vit", "demo", {"checkpoint": ckpt.name}, {})
+            marker.write_text(f"{run_id} {version}\n")
+        result = model_audit(AnalysisParams(data=str(data_dir.resolve()),
+                                            checkpoint=str(ckpt.resolve())))
+    except VitsemError as e:
+        raise _fail(e) from e
+    analysis = result["attention_analysis"]
+    print_profile(analysis["layer_profile"])
+    pub = settings.public_dict()
+    sift = result["sift_extraction"]
+    console.print(f"\nSIFT: {sift['computed']} images computed, {sift['cached']} found in the "
+                  f"store, {sift['rejected']} rejected. Analysis: {analysis['images']} images.")
+    console.print(f"finished in {time.perf_counter() - t0:.0f} s\n")
+    console.print(f"artifacts  {pub['artifact_uri']}")
+    console.print(f"metadata   {pub['database_url']}")
+    console.print(f"MLflow     {pub['mlflow_tracking_uri']} (run {analysis['mlflow_run_id']})")
+    console.print(f"  open it: mlflow ui --backend-store-uri {pub['mlflow_tracking_uri']}")
+    console.print("Prefect    runs used an ephemeral API; to keep and browse them:")
+    console.print("  prefect server start   # then, in another shell:")
+    console.print("  export PREFECT_API_URL=http://127.0.0.1:4200/api && vitsem demo")
+    console.print("  vitsem serve           # scheduled audit + deployments to trigger in the UI")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Table
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from vitsem.errors import ImageError
@@ -142,6 +142,10 @@ def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[
     view = ModelView.from_model(net)
     digest = keypoint_params_digest(view, sift)
     report = ShardReport(shard)
+    with ctx.meta.session() as s:
+        # One query per shard: which keypoint sets are already indexed under this digest.
+        indexed = set(s.scalars(select(KeypointSet.image_sha256).where(
+            KeypointSet.params_digest == digest)).all()) if paths else set()
     for path in paths:
         try:
             data = Path(path).read_bytes()
@@ -150,10 +154,12 @@ def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[
             continue
         sha = sha256_bytes(data)
         key = content_key("keypoints", sha, digest, "npz")
+        n_kp: int | None = None
         if ctx.store.exists(key):
             report.cached += 1
             uri = ctx.store.uri_for(key)
-            n_kp = None
+            if sha not in indexed:  # stored, but the run died before indexing it
+                n_kp = len(_keypoints_from_bytes(ctx.store.get(key)))
         else:
             try:
                 arr = view.geometry_array(open_image(data, name=path, limits=limits))
@@ -175,6 +181,7 @@ def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[
                 _insert_ignore(s, KeypointSet.__table__, {  # type: ignore[arg-type]
                     "image_sha256": sha, "params_digest": digest, "artifact_uri": uri,
                     "num_keypoints": n_kp}, ["image_sha256", "params_digest"])
+                indexed.add(sha)
     return report
 
 

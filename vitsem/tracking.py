@@ -91,3 +91,29 @@ def run_url(settings: Settings, run_id: str) -> str | None:
 
 def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="vitsem-mlflow-"))
+
+
+def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: str,
+                        params: dict[str, Any], metrics: dict[str, float]) -> tuple[str, str]:
+    """Log a safetensors checkpoint to a run of ``vitsem/train`` and register it as a version
+    of model ``name`` with ``alias``. Only weights travel: nothing is pickled.
+
+    Returns (run id, model version)."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(settings)
+    run = client.create_run(experiment_id(settings, "train"), tags={"vitsem.flow": "train"})
+    run_id = str(run.info.run_id)
+    ts = int(run.info.start_time)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                     params=[Param(k, _param(v)) for k, v in sorted(params.items())])
+    client.log_artifact(run_id, str(checkpoint), artifact_path="model")
+    client.set_terminated(run_id, "FINISHED")
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already registered
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return run_id, str(version.version)

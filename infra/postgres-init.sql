@@ -1,0 +1,3 @@
+-- Databases of the stack's other services, beside vitsem's own.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;

@@ -1,0 +1,155 @@
+"""The Prefect flows against a real Prefect API, with SQLite or PostgreSQL, a local folder or
+a real S3 protocol server, threads or a Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from flows.attention_analysis import AnalysisParams, attention_analysis
+from flows.common import DataParams, make_task_runner
+from flows.sift_extraction import sift_extraction
+from vitsem.settings import Settings
+from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _counts(url: str) -> dict[str, int]:
+    eng = sa.create_engine(url)
+    with eng.connect() as c:
+        out = {t: int(c.scalar(sa.text(f"SELECT count(*) FROM {t}")))
+               for t in ("images", "keypoint_sets", "flow_runs", "analysis_shards")}
+        out["rejected"] = int(c.scalar(sa.text(
+            "SELECT count(*) FROM images WHERE status = 'rejected'")))
+    eng.dispose()
+    return out
+
+
+@pytest.fixture
+def folder(small_dataset: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for p in sorted((small_dataset / "images" / "test").glob("*.png"))[:12]:
+        shutil.copy(p, d / p.name)
+    (d / "zero.png").write_bytes(b"")
+    (d / "notes.jpg").write_bytes(b"not an image")
+    return d
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("VITSEM_HOME", str(h))
+    for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    return h
+
+
+def test_sift_flow_is_idempotent_and_records_bad_images(folder: Path, home: Path,
+                                                        small_checkpoint: Path) -> None:
+    params = DataParams(data=str(folder), checkpoint=str(small_checkpoint), shard_size=4)
+    first = sift_extraction(params)
+    assert first["computed"] == 12 and first["cached"] == 0 and first["rejected"] == 2
+    assert first["rejected_reasons"] == ["empty_file", "not_an_image"]
+    url = Settings().resolved_database_url()
+    after_first = _counts(url)
+    second = sift_extraction(params)
+    assert second["computed"] == 0 and second["cached"] == 12 and second["rejected"] == 2
+    after_second = _counts(url)
+    assert after_first["images"] == after_second["images"] == 14
+    assert after_first["rejected"] == after_second["rejected"] == 2
+    assert after_first["keypoint_sets"] == after_second["keypoint_sets"] == 12
+    assert after_second["flow_runs"] == 2
+    eng = sa.create_engine(url)
+    with eng.connect() as c:
+        rows = dict(c.execute(sa.text(
+            "SELECT path, rejection_reason FROM images WHERE status = 'rejected'")).all())
+    assert {Path(p).name: r for p, r in rows.items()} == {"zero.png": "empty_file",
+                                                          "notes.jpg": "not_an_image"}
+
+
+def test_analysis_on_postgres_and_s3_dask_equals_threads(
+        folder: Path, small_checkpoint: Path, pg_url: str, s3_bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITSEM_DATABASE_URL", pg_url)
+    monkeypatch.setenv("VITSEM_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = AnalysisParams(data=str(folder), checkpoint=str(small_checkpoint), shard_size=4,
+                            examples=1)
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/threads")
+    threads = attention_analysis(params)
+    assert threads["images"] == 12 and threads["rejected"] == 2 and threads["computed"] == 12
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/dask")
+    dask_flow = attention_analysis.with_options(
+        task_runner=make_task_runner(Settings(task_runner="dask", dask_workers=2)))
+    on_dask = dask_flow(params)
+    assert on_dask["computed"] == 12  # a fresh store: really computed on the cluster
+    assert on_dask["layer_profile"] == threads["layer_profile"]
+
+
+CRASH_CHILD = """
+import sys
+from flows.common import DataParams
+from flows.sift_extraction import sift_extraction
+sift_extraction(DataParams(data=sys.argv[1], split="train", checkpoint=sys.argv[2],
+                           shard_size=2))
+"""
+
+
+def test_sigkill_midway_then_rerun_accounts_for_every_image_once(
+        small_checkpoint: Path, home: Path, tmp_path: Path) -> None:
+    data = make_shortcut_dataset(tmp_path / "crash", ShortcutSpec(n_train=300, n_test=0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(data), str(small_checkpoint)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    store = home / "artifacts" / "keypoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if store.exists() and sum(1 for _ in store.rglob("*.npz")) >= 40:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the flow finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sum(1 for _ in store.rglob("*.npz"))
+    assert 40 <= done_before < 300
+    result = sift_extraction(DataParams(data=str(data), split="train",
+                                        checkpoint=str(small_checkpoint), shard_size=2))
+    assert result["cached"] >= done_before - 2  # a shard killed mid-way redoes its rest
+    assert result["computed"] + result["cached"] == 300 and result["rejected"] == 0
+    counts = _counts(Settings().resolved_database_url())
+    assert counts["images"] == 300 and counts["keypoint_sets"] == 300
+    files = list(store.rglob("*.npz"))
+    assert len(files) == 300
+    for f in files:  # no corrupt artifact: every stored file loads
+        with np.load(f, allow_pickle=False) as z:
+            assert z["xy"].shape[1] == 2
+
+
+def test_bad_parameters_are_rejected(home: Path) -> None:
+    with pytest.raises(Exception, match="shard_size"):
+        DataParams(data="x", shard_size=0)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sift_extraction(DataParams(data=str(home / "missing")))
+
+
+def test_reports_in_store_and_summary(folder: Path, home: Path, small_checkpoint: Path) -> None:
+    out = attention_analysis(AnalysisParams(data=str(folder), checkpoint=str(small_checkpoint),
+                                            examples=1))
+    reports = list((home / "artifacts" / "reports").rglob("stats.json"))
+    assert len(reports) == 1
+    doc = json.loads(reports[0].read_text())
+    assert doc["num_images"] == 12 and doc["num_rejected"] == 2
+    assert len(out["layer_profile"]) == 2

@@ -1,0 +1,121 @@
+"""Settings, the artifact store (local and a real S3 protocol server) and the SQL store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.services import MotoServer, TcpProxy
+from vitsem.settings import Settings, redact
+from vitsem.storage.artifacts import (
+    ArtifactConflictError,
+    ArtifactStoreError,
+    LocalArtifactStore,
+    S3ArtifactStore,
+    content_key,
+    open_store,
+    validate_key,
+)
+from vitsem.storage.db import Dataset, MetadataStore
+
+
+def test_defaults_need_no_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path))
+    s = Settings()
+    assert s.resolved_database_url().startswith("sqlite:///")
+    assert s.resolved_artifact_uri().startswith("file://")
+    assert s.resolved_mlflow_uri().startswith("sqlite:///")
+    monkeypatch.setenv("VITSEM_DATABASE_URL", "postgresql://u:pw@db/x")
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", "s3://b/p")
+    s = Settings()
+    assert s.resolved_database_url() == "postgresql://u:pw@db/x"
+    assert s.resolved_artifact_uri() == "s3://b/p"
+
+
+def test_secrets_are_redacted() -> None:
+    secret = "hunter2-Very-Secret"
+    s = Settings(database_url=f"postgresql+psycopg2://vitsem:{secret}@db:5432/v",
+                 mlflow_tracking_uri=f"https://user:{secret}@mlflow.example")
+    assert secret not in str(s.public_dict())
+    assert secret not in repr(s)
+    assert secret not in redact(f"aws_secret_access_key={secret} token: {secret}")
+    assert redact("postgresql://u:p@h/db") == "postgresql://u:***@h/db"
+
+
+def test_local_store_atomic_and_content_addressed(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "a"))
+    key = content_key("keypoints", "ab" * 32, "p1", "npz")
+    assert key == f"keypoints/p1/ab/{'ab' * 32}.npz"
+    uri = store.put(key, b"one")
+    assert store.put(key, b"one") == uri  # the same bytes again: nothing happens
+    with pytest.raises(ArtifactConflictError):
+        store.put(key, b"two")
+    assert store.get(key) == b"one"
+    assert not list((tmp_path / "a").rglob(".tmp-*"))
+    for bad in ("../x", "/abs", "a//b", "a/../b", "", "a b"):
+        with pytest.raises(ArtifactStoreError):
+            validate_key(bad)
+    assert isinstance(open_store((tmp_path / "b").as_uri()), LocalArtifactStore)
+    with pytest.raises(ArtifactStoreError, match="scheme"):
+        open_store("ftp://host/x")
+
+
+def test_s3_store_round_trip_and_multipart(s3_bucket: str, tmp_path: Path) -> None:
+    store = open_store(f"s3://{s3_bucket}/pre")
+    assert isinstance(store, S3ArtifactStore)
+    assert store.put("a/b.bin", b"hello") == f"s3://{s3_bucket}/pre/a/b.bin"
+    assert store.exists("a/b.bin") and not store.exists("a/c.bin")
+    assert store.get("a/b.bin") == b"hello"
+    with pytest.raises(ArtifactConflictError):
+        store.put("a/b.bin", b"other")
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (24 * 1024 * 4))  # 24 MiB
+    small_parts = S3ArtifactStore(f"s3://{s3_bucket}/pre", multipart_threshold=5 * 1024 * 1024)
+    small_parts.put_file("big.bin", big)
+    assert store.get("big.bin") == big.read_bytes()
+
+
+def test_s3_transient_outage_is_retried(moto: MotoServer, s3_bucket: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = TcpProxy(moto.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    store = S3ArtifactStore(f"s3://{s3_bucket}/x", retry_seconds=60)
+    store.put("before", b"1")
+    proxy.down()
+    threading.Timer(4.0, proxy.up).start()
+    t = time.monotonic()
+    store.put("during", b"2")  # refused for ~4 s, then goes through
+    assert time.monotonic() - t >= 3.5
+    assert store.get("during") == b"2" and store.get("before") == b"1"
+
+
+def test_s3_permanent_faults_fail_clearly(moto: MotoServer, s3_bucket: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ArtifactStoreError, match="permanently") as e:
+        S3ArtifactStore("s3://no-such-bucket-here/x").put("k", b"1")
+    assert "testing-secret-key" not in str(e.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
+    with pytest.raises(ArtifactStoreError, match="kept failing"):
+        S3ArtifactStore(f"s3://{s3_bucket}/x", retry_seconds=2).put("k", b"1")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migrations_and_unique_constraints(backend: str, tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
+    url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    store = MetadataStore(url)
+    MetadataStore(url)  # migrating twice is a no-op
+    a = store.dataset("file:///d", "d")
+    assert store.dataset("file:///d", "d") == a
+    with store.engine.connect() as c:
+        tables = set(sa.inspect(c).get_table_names())
+        assert {"datasets", "images", "keypoint_sets", "models", "flow_runs",
+                "analysis_shards", "alembic_version"} <= tables
+        assert c.scalar(sa.select(sa.func.count()).select_from(Dataset)) == 1
+    with pytest.raises(sa.exc.IntegrityError), store.session() as s:
+        s.add(Dataset(uri="file:///d", name="again"))
