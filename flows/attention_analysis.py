@@ -17,8 +17,8 @@ from pydantic import Field
 from flows.common import (
     DataParams,
     finish_run,
-    input_files,
     make_task_runner,
+    register_inputs,
     shards,
     start_run,
     summary_markdown,
@@ -45,10 +45,10 @@ class AnalysisParams(DataParams):
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_jitter_factor=0.5)
-def analyze_shard(settings: Settings, shard: int, paths: list[str], params: AnalysisParams
-                  ) -> ShardReport:
-    return jobs.analyze_shard(settings, shard, paths, params.model, params.checkpoint,
-                              params.config())
+def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
+                  params: AnalysisParams) -> ShardReport:
+    return jobs.analyze_shard(settings, dataset_id, shard, paths, params.model,
+                              params.checkpoint, params.config())
 
 
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
@@ -78,11 +78,10 @@ def store_report(settings: Settings, reports: list[ShardReport], files: list[Pat
 
 def run_analysis(settings: Settings, params: AnalysisParams) -> tuple[list[ShardReport],
                                                                       AnalysisResult, list[Path]]:
-    files, _ = input_files(params)
-    jobs.register_model(jobs.context(settings), params.model, params.checkpoint)
+    dataset_id, files = register_inputs(settings, params)
     parts = shards(files, params.shard_size or settings.shard_size)
-    futures = analyze_shard.map(unmapped(settings), list(range(len(parts))), parts,
-                                unmapped(params))
+    futures = analyze_shard.map(unmapped(settings), unmapped(dataset_id),
+                                list(range(len(parts))), parts, unmapped(params))
     reports = [f.result() for f in futures]
     merged, paths = merge_and_report(settings, reports, params, files[: params.examples])
     return reports, merged["result"], paths

@@ -6,10 +6,14 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 
+from vitsem import jobs
 from vitsem.images import list_images
 from vitsem.jobs import ShardReport, context
 from vitsem.settings import Settings
@@ -51,6 +55,16 @@ def input_files(params: DataParams) -> tuple[list[str], str]:
     if root.is_file():
         return [str(root)], root.name
     raise FileNotFoundError(f"{params.data}: no such file or folder")
+
+
+@task(cache_policy=NO_CACHE, retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def register_inputs(settings: Settings, params: DataParams) -> tuple[int, list[str]]:
+    """The data set's id in SQL (created on first use) and its files; registers the model."""
+    files, name = input_files(params)
+    ctx = jobs.context(settings)
+    jobs.register_model(ctx, params.model, params.checkpoint)
+    return ctx.meta.dataset(f"{params.data}#{params.split}", name), files
 
 
 def shards(files: list[str], size: int) -> list[list[str]]:

@@ -12,8 +12,8 @@ from prefect.tasks import exponential_backoff
 from flows.common import (
     DataParams,
     finish_run,
-    input_files,
     make_task_runner,
+    register_inputs,
     shards,
     start_run,
     summary_markdown,
@@ -29,14 +29,6 @@ from vitsem.settings import Settings
 def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                model: str | None, checkpoint: str | None) -> ShardReport:
     return jobs.sift_shard(settings, dataset_id, shard, paths, model, checkpoint)
-
-
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
-def register_inputs(settings: Settings, params: DataParams) -> tuple[int, list[str]]:
-    files, name = input_files(params)
-    ctx = jobs.context(settings)
-    jobs.register_model(ctx, params.model, params.checkpoint)
-    return ctx.meta.dataset(f"{params.data}#{params.split}", name), files
 
 
 def run_sift(settings: Settings, params: DataParams) -> tuple[int, list[ShardReport]]:

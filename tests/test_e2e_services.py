@@ -59,7 +59,7 @@ def test_analysis_tracked_on_an_mlflow_server(
 
     from flows.attention_analysis import AnalysisParams, attention_analysis
 
-    uri, bucket = mlflow_server
+    uri, _bucket = mlflow_server
     for k, v in moto.env().items():
         monkeypatch.setenv(k, v)
     moto.create_bucket("vitsem-e2e")

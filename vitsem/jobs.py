@@ -132,6 +132,58 @@ def _keypoints_from_bytes(data: bytes) -> Keypoints:
 # SIFT extraction
 
 
+def _indexed_keypoints(ctx: Context, digest: str) -> set[str]:
+    """Image hashes whose keypoints are indexed under ``digest`` (one query per shard)."""
+    with ctx.meta.session() as s:
+        return set(s.scalars(select(KeypointSet.image_sha256).where(
+            KeypointSet.params_digest == digest)).all())
+
+
+def _image_keypoints(ctx: Context, dataset_id: int, path: str, view: ModelView, digest: str,
+                     sift: SiftParams, limits: ImageLimits, indexed: set[str],
+                     report: ShardReport, need_view: bool) -> ViewedKeypoints | None:
+    """One image's keypoints: from the store, or computed and stored; the image and its
+    keypoint set indexed in SQL. Bad files are recorded as rejected and give None."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        _reject(ctx, dataset_id, path, None, "unreadable", str(e), report)
+        return None
+    sha = sha256_bytes(data)
+    key = content_key("keypoints", sha, digest, "npz")
+    arr = np.zeros((0, 0, 3), np.uint8)
+    kps: Keypoints | None = None
+    stored = ctx.store.exists(key)
+    if need_view or not stored:
+        try:
+            arr = view.geometry_array(open_image(data, name=path, limits=limits))
+        except ImageError as e:
+            _reject(ctx, dataset_id, path, sha, e.reason, e.detail, report)
+            return None
+    if stored:
+        report.cached += 1
+        if need_view or sha not in indexed:  # a killed run may have stored but not indexed
+            kps = _keypoints_from_bytes(ctx.store.get(key))
+        uri = ctx.store.uri_for(key)
+    else:
+        kps = detect_sift(arr, sift)
+        uri = ctx.store.put(key, _keypoints_bytes(kps))
+        report.computed += 1
+    report.image_sha256.append(sha)
+    with ctx.meta.session() as s:
+        _insert_ignore(s, Image.__table__, {  # type: ignore[arg-type]
+            "dataset_id": dataset_id, "path": path, "sha256": sha, "size_bytes": len(data),
+            "status": "ok", "rejection_reason": None, "rejection_detail": None},
+            ["dataset_id", "path"], update=["sha256", "size_bytes", "status",
+                                             "rejection_reason", "rejection_detail"])
+        if sha not in indexed and kps is not None:
+            _insert_ignore(s, KeypointSet.__table__, {  # type: ignore[arg-type]
+                "image_sha256": sha, "params_digest": digest, "artifact_uri": uri,
+                "num_keypoints": len(kps)}, ["image_sha256", "params_digest"])
+            indexed.add(sha)
+    return ViewedKeypoints(path, arr, kps) if kps is not None else None
+
+
 def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[str],
                model: str | None, checkpoint: str | None,
                sift: SiftParams = SiftParams(), limits: ImageLimits = ImageLimits()
@@ -142,46 +194,10 @@ def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[
     view = ModelView.from_model(net)
     digest = keypoint_params_digest(view, sift)
     report = ShardReport(shard)
-    with ctx.meta.session() as s:
-        # One query per shard: which keypoint sets are already indexed under this digest.
-        indexed = set(s.scalars(select(KeypointSet.image_sha256).where(
-            KeypointSet.params_digest == digest)).all()) if paths else set()
+    indexed = _indexed_keypoints(ctx, digest)
     for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            _reject(ctx, dataset_id, path, None, "unreadable", str(e), report)
-            continue
-        sha = sha256_bytes(data)
-        key = content_key("keypoints", sha, digest, "npz")
-        n_kp: int | None = None
-        if ctx.store.exists(key):
-            report.cached += 1
-            uri = ctx.store.uri_for(key)
-            if sha not in indexed:  # stored, but the run died before indexing it
-                n_kp = len(_keypoints_from_bytes(ctx.store.get(key)))
-        else:
-            try:
-                arr = view.geometry_array(open_image(data, name=path, limits=limits))
-            except ImageError as e:
-                _reject(ctx, dataset_id, path, sha, e.reason, e.detail, report)
-                continue
-            kps = detect_sift(arr, sift)
-            uri = ctx.store.put(key, _keypoints_bytes(kps))
-            n_kp = len(kps)
-            report.computed += 1
-        report.image_sha256.append(sha)
-        with ctx.meta.session() as s:
-            _insert_ignore(s, Image.__table__, {  # type: ignore[arg-type]
-                "dataset_id": dataset_id, "path": path, "sha256": sha, "size_bytes": len(data),
-                "status": "ok", "rejection_reason": None, "rejection_detail": None},
-                ["dataset_id", "path"], update=["sha256", "size_bytes", "status",
-                                                 "rejection_reason", "rejection_detail"])
-            if n_kp is not None:
-                _insert_ignore(s, KeypointSet.__table__, {  # type: ignore[arg-type]
-                    "image_sha256": sha, "params_digest": digest, "artifact_uri": uri,
-                    "num_keypoints": n_kp}, ["image_sha256", "params_digest"])
-                indexed.add(sha)
+        _image_keypoints(ctx, dataset_id, path, view, digest, sift, limits, indexed, report,
+                         need_view=False)
     return report
 
 
@@ -207,36 +223,25 @@ def analysis_params_digest(cfg: AnalysisConfig, view: ModelView) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def analyze_shard(settings: Settings, shard: int, paths: Sequence[str], model: str | None,
-                  checkpoint: str | None, cfg: AnalysisConfig = AnalysisConfig()) -> ShardReport:
+def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: Sequence[str],
+                  model: str | None, checkpoint: str | None,
+                  cfg: AnalysisConfig = AnalysisConfig()) -> ShardReport:
     """Streaming interrelation statistics of a shard's readable images, stored as JSON.
 
-    Keypoints come from the store (SIFT runs for any image whose keypoints are missing)."""
+    Keypoints come from the store; any that are missing are computed, stored and indexed
+    here, so this is a complete SIFT + analysis step on its own."""
     ctx = context(settings)
     net, _, checksum = load_model_cached(model, checkpoint)
     view = ModelView.from_model(net)
     kp_digest = keypoint_params_digest(view, cfg.sift)
     params = analysis_params_digest(cfg, view)
-    items, report = [], ShardReport(shard)
-    for path in paths:
-        try:
-            data = Path(path).read_bytes()
-            arr = view.geometry_array(open_image(data, name=path, limits=cfg.limits))
-        except ImageError as e:
-            report.rejected.append({"path": path, "reason": e.reason, "detail": e.detail})
-            continue
-        except OSError as e:
-            report.rejected.append({"path": path, "reason": "unreadable", "detail": str(e)})
-            continue
-        sha = sha256_bytes(data)
-        key = content_key("keypoints", sha, kp_digest, "npz")
-        if ctx.store.exists(key):
-            kps = _keypoints_from_bytes(ctx.store.get(key))
-        else:
-            kps = detect_sift(arr, cfg.sift)
-            ctx.store.put(key, _keypoints_bytes(kps))
-        report.image_sha256.append(sha)
-        items.append(ViewedKeypoints(path, arr, kps))
+    report, sift_report = ShardReport(shard), ShardReport(shard)
+    indexed = _indexed_keypoints(ctx, kp_digest)
+    items = [it for path in paths if (it := _image_keypoints(
+        ctx, dataset_id, path, view, kp_digest, cfg.sift, cfg.limits, indexed, sift_report,
+        need_view=True)) is not None]
+    report.rejected = sift_report.rejected
+    report.image_sha256 = sift_report.image_sha256
     shard_digest = hashlib.sha256("\n".join(sorted(report.image_sha256)).encode()).hexdigest()
     key = content_key("analysis", shard_digest, f"{checksum[:16]}-{params}", "json")
     report.artifact_key = key
