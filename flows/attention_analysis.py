@@ -10,11 +10,10 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from flows.common import (
+    RETRYING_TASK,
     DataParams,
     finish_run,
     make_task_runner,
@@ -43,15 +42,14 @@ class AnalysisParams(DataParams):
                               workers=1)
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.5)
+@task(**RETRYING_TASK)
 def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                   params: AnalysisParams) -> ShardReport:
     return jobs.analyze_shard(settings, dataset_id, shard, paths, params.model,
                               params.checkpoint, params.config())
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+@task(**RETRYING_TASK)
 def merge_and_report(settings: Settings, reports: list[ShardReport], params: AnalysisParams,
                      example_paths: list[str]) -> tuple[dict[str, Any], list[Path]]:
     result = jobs.merge_analysis(settings, reports, params.model, params.checkpoint,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import update
 
 from vitsem import jobs
+from vitsem.errors import VitsemError
 from vitsem.images import list_images
 from vitsem.jobs import ShardReport, context
 from vitsem.settings import Settings
@@ -57,8 +58,29 @@ def input_files(params: DataParams) -> tuple[list[str], str]:
     raise FileNotFoundError(f"{params.data}: no such file or folder")
 
 
-@task(cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry a failed task unless it failed on bad input or a permanent fault (both are
+    vitsem errors with a message that says what to fix): retrying those only delays it."""
+    try:
+        state.result()
+    except (VitsemError, FileNotFoundError, ValueError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+RETRYING_TASK: dict[str, Any] = {
+    "cache_policy": NO_CACHE,  # the artifact store is the cache, content-addressed
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
+"""Options of every I/O task: exponential backoff on transient faults only."""
+
+
+@task(**RETRYING_TASK)
 def register_inputs(settings: Settings, params: DataParams) -> tuple[int, list[str]]:
     """The data set's id in SQL (created on first use) and its files; registers the model."""
     files, name = input_files(params)

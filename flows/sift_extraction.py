@@ -6,10 +6,9 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from flows.common import (
+    RETRYING_TASK,
     DataParams,
     finish_run,
     make_task_runner,
@@ -24,8 +23,7 @@ from vitsem.jobs import ShardReport
 from vitsem.settings import Settings
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.5)
+@task(**RETRYING_TASK)
 def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                model: str | None, checkpoint: str | None) -> ShardReport:
     return jobs.sift_shard(settings, dataset_id, shard, paths, model, checkpoint)

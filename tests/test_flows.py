@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import DataParams, make_task_runner
 from flows.sift_extraction import sift_extraction
+from tests.services import MotoServer, TcpProxy
 from vitsem.settings import Settings
 from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
 
@@ -153,3 +155,41 @@ def test_reports_in_store_and_summary(folder: Path, home: Path, small_checkpoint
     doc = json.loads(reports[0].read_text())
     assert doc["num_images"] == 12 and doc["num_rejected"] == 2
     assert len(out["layer_profile"]) == 2
+
+
+def test_s3_outage_during_a_flow_is_retried_and_the_flow_completes(
+        folder: Path, small_checkpoint: Path, moto: MotoServer, s3_bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = TcpProxy(moto.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/outage")
+    proxy.down()  # the endpoint is down when the flow starts ...
+    threading.Timer(4.0, proxy.up).start()  # ... and comes back 4 s later
+    out = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
+                                     shard_size=4))
+    assert out["computed"] == 12 and out["rejected"] == 2
+
+
+def test_permanent_store_fault_fails_clearly_and_loses_nothing(
+        folder: Path, small_checkpoint: Path, s3_bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/kept")
+    params = DataParams(data=str(folder), checkpoint=str(small_checkpoint), shard_size=4)
+    assert sift_extraction(params)["computed"] == 12
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", "s3://no-such-bucket-anywhere/x")
+    t = time.monotonic()
+    with pytest.raises(Exception, match=r"failed permanently.*check the bucket name"):
+        sift_extraction(params)
+    assert time.monotonic() - t < 30  # a permanent fault is not retried for minutes
+    counts = _counts(Settings().resolved_database_url())
+    assert counts["images"] == 14 and counts["keypoint_sets"] == 12
+    eng = sa.create_engine(Settings().resolved_database_url())
+    with eng.connect() as c:
+        statuses = c.scalars(sa.text("SELECT status FROM flow_runs ORDER BY id")).all()
+    eng.dispose()
+    assert statuses == ["completed", "failed"]
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/kept")
+    again = sift_extraction(params)
+    assert again["cached"] == 12 and again["computed"] == 0
