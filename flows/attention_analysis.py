@@ -51,7 +51,7 @@ def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[s
 
 @task(**RETRYING_TASK)
 def merge_and_report(settings: Settings, reports: list[ShardReport], params: AnalysisParams,
-                     example_paths: list[str]) -> tuple[dict[str, Any], list[Path]]:
+                     example_paths: list[str]) -> tuple[AnalysisResult, list[Path]]:
     result = jobs.merge_analysis(settings, reports, params.model, params.checkpoint,
                                  params.config(), example_paths)
     out = Path(tempfile.mkdtemp(prefix="vitsem-analysis-"))
@@ -62,7 +62,7 @@ def merge_and_report(settings: Settings, reports: list[ShardReport], params: Ana
     if result.num_images:
         files += write_pictures(result, out, None)
     store_report(settings, reports, files)
-    return {"doc": doc, "result": result}, files
+    return result, files
 
 
 def store_report(settings: Settings, reports: list[ShardReport], files: list[Path]) -> None:
@@ -81,8 +81,8 @@ def run_analysis(settings: Settings, params: AnalysisParams) -> tuple[list[Shard
     futures = analyze_shard.map(unmapped(settings), unmapped(dataset_id),
                                 list(range(len(parts))), parts, unmapped(params))
     reports = [f.result() for f in futures]
-    merged, paths = merge_and_report(settings, reports, params, files[: params.examples])
-    return reports, merged["result"], paths
+    result, paths = merge_and_report(settings, reports, params, files[: params.examples])
+    return reports, result, paths
 
 
 def profile_table(result: AnalysisResult) -> list[dict[str, Any]]:

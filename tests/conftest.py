@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,14 @@ def small_checkpoint(small_dataset: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     train_classifier(small_dataset, out, TrainConfig(epochs=1, depth=2, batch_size=32))
     return out
+
+
+def copy_test_images(dataset: Path, dest: Path, n: int) -> Path:
+    """The first ``n`` test-split images of a benchmark folder, copied into ``dest``."""
+    dest.mkdir(parents=True)
+    for p in sorted((dataset / "images" / "test").glob("*.png"))[:n]:
+        shutil.copy(p, dest / p.name)
+    return dest
 
 
 @pytest.fixture(scope="session")

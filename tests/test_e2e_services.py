@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import copy_test_images
 from tests.services import MotoServer, free_port, postgres_database, stop, wait_for_port
 
 SECRET = "s3cr3t-Password-never-logged"
@@ -23,11 +23,7 @@ SECRET = "s3cr3t-Password-never-logged"
 
 @pytest.fixture
 def images(small_dataset: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for p in sorted((small_dataset / "images" / "test").glob("*.png"))[:8]:
-        shutil.copy(p, d / p.name)
-    return d
+    return copy_test_images(small_dataset, tmp_path / "imgs", 8)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import DataParams, make_task_runner
 from flows.sift_extraction import sift_extraction
+from tests.conftest import copy_test_images
 from tests.services import MotoServer, TcpProxy
 from vitsem.settings import Settings
 from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
@@ -40,10 +40,7 @@ def _counts(url: str) -> dict[str, int]:
 
 @pytest.fixture
 def folder(small_dataset: Path, tmp_path: Path) -> Path:
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for p in sorted((small_dataset / "images" / "test").glob("*.png"))[:12]:
-        shutil.copy(p, d / p.name)
+    d = copy_test_images(small_dataset, tmp_path / "imgs", 12)
     (d / "zero.png").write_bytes(b"")
     (d / "notes.jpg").write_bytes(b"not an image")
     return d

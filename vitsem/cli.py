@@ -418,9 +418,14 @@ def demo() -> None:
     console.print(f"metadata   {pub['database_url']}")
     console.print(f"MLflow     {pub['mlflow_tracking_uri']} (run {analysis['mlflow_run_id']})")
     console.print(f"  open it: mlflow ui --backend-store-uri {pub['mlflow_tracking_uri']}")
-    console.print("Prefect    runs used an ephemeral API; to keep and browse them:")
-    console.print("  prefect server start   # then, in another shell:")
-    console.print("  export PREFECT_API_URL=http://127.0.0.1:4200/api && vitsem demo")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        console.print(f"Prefect    {api} (flow runs model_audit, sift_extraction, "
+                      "attention_analysis)")
+    else:
+        console.print("Prefect    runs used an ephemeral API; to keep and browse them:")
+        console.print("  prefect server start   # then, in another shell:")
+        console.print("  export PREFECT_API_URL=http://127.0.0.1:4200/api && vitsem demo")
     console.print("  vitsem serve           # scheduled audit + deployments to trigger in the UI")
 
 

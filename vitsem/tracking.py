@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,11 @@ def experiment_id(settings: Settings, flow_name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
-    location = settings.resolved_artifact_uri().rstrip("/") + "/mlflow"
+    store = settings.resolved_artifact_uri()
+    # Beside the project's artifacts when they are in S3, or when MLflow is local too; a
+    # tracking server with local project artifacts keeps its own (served) artifact store.
+    remote = settings.resolved_mlflow_uri().startswith("http")
+    location = None if remote and not store.startswith("s3://") else store.rstrip("/") + "/mlflow"
     try:
         return str(client.create_experiment(name, artifact_location=location))
     except Exception:  # created concurrently by another run
@@ -87,10 +90,6 @@ def run_url(settings: Settings, run_id: str) -> str | None:
     client = _client(settings)
     exp = client.get_run(run_id).info.experiment_id
     return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="vitsem-mlflow-"))
 
 
 def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: str,

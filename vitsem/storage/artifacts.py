@@ -212,12 +212,18 @@ class S3ArtifactStore:
             raise ArtifactNotFoundError(f"no artifact {key!r} in {self.uri}") from None
         return obj["Body"].read()
 
+    def _already_stored(self, key: str, digest: str) -> bool:
+        """True when ``key`` holds content of ``digest``; raises if it holds other content."""
+        head = self._head(key)
+        if head is None:
+            return False
+        if head.get("Metadata", {}).get("sha256") != digest:
+            raise ArtifactConflictError(f"{key!r} already holds different content")
+        return True
+
     def put(self, key: str, data: bytes) -> str:
         digest = sha256_bytes(data)
-        head = self._head(key)
-        if head is not None:
-            if head.get("Metadata", {}).get("sha256") != digest:
-                raise ArtifactConflictError(f"{key!r} already holds different content")
+        if self._already_stored(key, digest):
             return self.uri_for(key)
         self._call("put", lambda: self._client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}))
@@ -229,10 +235,7 @@ class S3ArtifactStore:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         digest = h.hexdigest()
-        head = self._head(key)
-        if head is not None:
-            if head.get("Metadata", {}).get("sha256") != digest:
-                raise ArtifactConflictError(f"{key!r} already holds different content")
+        if self._already_stored(key, digest):
             return self.uri_for(key)
         self._call("upload", lambda: self._client.upload_file(
             str(path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}},
