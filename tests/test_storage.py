@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.services import MotoServer, TcpProxy
+from tests.services import MotoServer, TcpProxy, postgres_database
 from vitsem.settings import Settings, redact
 from vitsem.storage.artifacts import (
     ArtifactConflictError,
@@ -104,10 +104,15 @@ def test_s3_permanent_faults_fail_clearly(moto: MotoServer, s3_bucket: str,
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migrations_and_unique_constraints(backend: str, tmp_path: Path,
-                                           request: pytest.FixtureRequest) -> None:
-    url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
-           else request.getfixturevalue("pg_url"))
+def test_migrations_and_unique_constraints(backend: str, tmp_path: Path) -> None:
+    if backend == "sqlite":
+        check_migrations_and_constraints(f"sqlite:///{tmp_path / 'm.db'}")
+    else:
+        with postgres_database() as url:  # its own database: other tests write to pg_url
+            check_migrations_and_constraints(url)
+
+
+def check_migrations_and_constraints(url: str) -> None:
     store = MetadataStore(url)
     MetadataStore(url)  # migrating twice is a no-op
     a = store.dataset("file:///d", "d")
@@ -119,3 +124,4 @@ def test_migrations_and_unique_constraints(backend: str, tmp_path: Path,
         assert c.scalar(sa.select(sa.func.count()).select_from(Dataset)) == 1
     with pytest.raises(sa.exc.IntegrityError), store.session() as s:
         s.add(Dataset(uri="file:///d", name="again"))
+    store.engine.dispose()
