@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import make_task_runner
@@ -17,4 +18,14 @@ def model_audit(params: AnalysisParams) -> dict[str, Any]:
     """Audit a model on a data set: keypoints, then the interrelation analysis."""
     sift = sift_extraction(params)
     analysis = attention_analysis(params)
+    lift = [round(r["semantic_lift"], 3) for r in analysis["layer_profile"]]
+    create_markdown_artifact(key="model-audit-summary", markdown="\n".join([
+        "# Model audit",
+        f"- model: `{params.checkpoint or params.model}`",
+        f"- data: `{params.data}` (split {params.split})",
+        f"- SIFT: {sift['computed']} computed, {sift['cached']} from the store, "
+        f"{sift['rejected']} rejected",
+        f"- analysis: {analysis['images']} images, MLflow run `{analysis['mlflow_run_id']}`",
+        f"- semantic lift by layer: {lift}",
+    ]))
     return {"sift_extraction": sift, "attention_analysis": analysis}
