@@ -1,0 +1,87 @@
+"""Attribution maps over patches, (B, N), each row summing to 1: the method's semantic
+maps and the baselines it is compared with (METHOD.md §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vitsem.attention import AttentionBlock, attention_modules, capture_attention
+
+
+def _normalise(m: torch.Tensor) -> torch.Tensor:
+    m = m.clamp_min(0)
+    total = m.sum(-1, keepdim=True)
+    return torch.where(total > 0, m / total.clamp_min(1e-30), torch.full_like(m, 1 / m.shape[-1]))
+
+
+def _prefix(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+@torch.no_grad()
+def cls_attention_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block's CLS attention over patches, averaged over heads."""
+    last = len(attention_modules(model)) - 1
+    p = _prefix(model)
+    out: list[torch.Tensor] = []
+
+    def sink(layer: int, block: AttentionBlock) -> None:
+        if layer == last:
+            out.append(block.probs[:, :, 0, p:].mean(1))
+
+    with capture_attention(model, sink):
+        model(x)
+    return _normalise(out[0])
+
+
+@torch.no_grad()
+def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): the product over blocks of the head-mean
+    attention mixed with the identity for the residual, (0.5 A + 0.5 I) row-normalised;
+    the CLS row over patches."""
+    p = _prefix(model)
+    state: dict[str, torch.Tensor] = {}
+
+    def sink(_layer: int, block: AttentionBlock) -> None:
+        a = block.probs.mean(1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        state["r"] = a if "r" not in state else a @ state["r"]
+
+    with capture_attention(model, sink):
+        model(x)
+    return _normalise(state["r"][:, 0, p:])
+
+
+def gradcam_tokens(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Grad-CAM on the last block's output tokens: ReLU(sum_c w_c a_ic) with w_c the
+    token-mean gradient of the target logit (default: the predicted class)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise ValueError("Grad-CAM needs a model with .blocks")
+    p = _prefix(model)
+    acts: list[torch.Tensor] = []
+    handle = blocks[-1].register_forward_hook(lambda _m, _i, out: acts.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            cls = logits.argmax(-1) if target is None else target.to(logits.device)
+            score = logits.gather(1, cls[:, None]).sum()
+            grad = torch.autograd.grad(score, acts[0])[0]
+    finally:
+        handle.remove()
+    act = acts[0].detach()[:, p:]
+    weights = grad[:, p:].mean(1, keepdim=True)
+    return _normalise(torch.relu((weights * act).sum(-1)))
+
+
+MAPS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "cls_last": cls_attention_last,
+    "rollout": attention_rollout,
+    "gradcam": gradcam_tokens,
+}
+"""Registry of attribution maps by name."""
