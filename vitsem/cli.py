@@ -363,9 +363,11 @@ def serve(
     model: ModelOpt = None,
     cron: Annotated[str, typer.Option(help="Schedule of the model audit.")] = AUDIT_CRON,
 ) -> None:
-    """Serve the flows as Prefect deployments: `model_audit/scheduled-audit` on a cron
-    schedule, plus `sift_extraction/on-demand` and `attention_analysis/on-demand` to trigger
-    from the Prefect UI or `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
+    """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
+
+    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`
+    and `attention_analysis/on-demand` to trigger from the Prefect UI or
+    `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
     from prefect import serve as prefect_serve
 
     from flows.attention_analysis import attention_analysis
@@ -384,9 +386,10 @@ def serve(
 
 @app.command()
 def demo() -> None:
-    """Run the whole pipeline through the flows on the embedded defaults: benchmark data, a
-    tiny ViT (trained once, registered in MLflow), SIFT extraction and attention analysis.
-    Ends by printing where everything is."""
+    """Run the whole pipeline through the flows on the embedded defaults.
+
+    Benchmark data, a tiny ViT (trained once, registered in MLflow), SIFT extraction and
+    attention analysis; ends by printing where everything is."""
     import time
 
     from flows.attention_analysis import AnalysisParams
