@@ -9,6 +9,7 @@ level, no CLS token) are NaN, never a division by zero; the streaming accumulato
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -40,10 +41,10 @@ class SemanticBatch:
     weights: torch.Tensor
     onehot: torch.Tensor
 
-    @property
+    @cached_property
     def onehot_and_ones(self) -> torch.Tensor:
         """(B, N, K + 1): level membership plus a column of ones, so one matmul gives the
-        per-level masses and the row sums."""
+        per-level masses and the row sums. Built once per batch, used by every block."""
         ones = torch.ones_like(self.onehot[..., :1])
         return torch.cat([self.onehot, ones], -1)
 

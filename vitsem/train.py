@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,3 @@ def train_classifier(data_dir: str | Path, out: str | Path, config: TrainConfig 
         seconds=time.perf_counter() - t0,
         history=history,
     )
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)
