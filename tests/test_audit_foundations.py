@@ -54,8 +54,9 @@ def test_removal_changes_the_output_and_refuses_empty() -> None:
 def test_maps_are_distributions_over_patches() -> None:
     model = _vit()
     x = torch.randn(2, 3, 32, 32)
+    semantic = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     for name, fn in MAPS.items():
-        m = fn(model, x)
+        m = fn(model, x, semantic)
         assert m.shape == (2, 4), name
         torch.testing.assert_close(m.sum(-1), torch.ones(2), msg=name)
         assert (m >= 0).all(), name
@@ -127,9 +128,10 @@ def test_planted_pattern_is_the_top_candidate() -> None:
     assert cands, "the planted pattern was not found"
     top = cands[0]
     assert top.cls == 0 and top.recurrence == 1.0 and top.other_rate == 0.0
-    assert np.linalg.norm(top.centroid - glyph) < 1.0
+    assert np.linalg.norm(top.centroids - glyph, axis=1).min() < 1.0
     assert top.attention_lift > 2
     mask = candidate_patches(top, descs, patches, 16)
+    np.testing.assert_array_equal(mask, top.patches)
     expected = np.zeros((20, 16), bool)
     expected[predicted == 0, 0] = True
     np.testing.assert_array_equal(mask, expected)

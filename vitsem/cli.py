@@ -320,6 +320,67 @@ def analyze(
                   f"{len(pictures)} pictures")
 
 
+def print_audit(result: dict[str, Any]) -> None:
+    """The audit's candidates and prompting outcomes as two tables."""
+    table = Table(title="Candidate shortcuts (semantic map)")
+    for col in ("rank", "class", "recurrence", "others", "effect", "random", "p", "verdict"):
+        table.add_column(col, justify="right" if col not in ("class", "verdict") else "left")
+    for f in result["findings"].get("semantic", []):
+        verdict = "[bold red]shortcut[/]" if f["shortcut"] else (
+            "on the object" if f["confirmed"] else "not confirmed")
+        table.add_row(str(f["rank"]), f["class_name"], f"{f['recurrence']:.2f}",
+                      f"{f['other_rate']:.2f}", f"{f['effect']:.3f}",
+                      f"{f['random_effect']:.3f}", f"{f['p_value']:.2g}", verdict)
+    console.print(table)
+    prompts = Table(title="Prompting (tokens removed at inference)")
+    for col in ("prompt", "accuracy", "worst group", "worst-group acc", "shortcut-free acc"):
+        prompts.add_column(col, justify="left" if col in ("prompt", "worst group") else "right")
+    for name, o in result["prompts"].items():
+        clean = "n/a" if o["clean_accuracy"] is None else f"{o['clean_accuracy']:.3f}"
+        prompts.add_row(name, f"{o['accuracy']:.3f}", o["worst_group"],
+                        f"{o['worst_group_accuracy']:.3f}", clean)
+    console.print(prompts)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command()
+def audit(
+    data: Annotated[Path | None, typer.Argument(
+        help="Benchmark folder, or a folder with one sub-folder per class.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder to copy the report into.")] = Path(
+        "runs/audit"),
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    split: Annotated[str, typer.Option(help="Benchmark split for benchmark folders.")] = "test",
+    top_fraction: Annotated[float, typer.Option(help="Share of patches counted as most "
+                                                     "attended.")] = 0.1,
+) -> None:
+    """Spurious-correlation audit: candidate shortcuts, causal check, prompting.
+
+    Runs the `spurious_audit` flow (stores, MLflow, Prefect artifacts on the configured
+    services; embedded defaults otherwise) and copies report.html, its PNGs and the JSON
+    results into --out. With no data: the shipped benchmark and its tiny ViT."""
+    from flows.spurious_audit import AuditParams, spurious_audit
+
+    try:
+        params = audit_parameters(data, checkpoint, model)["params"]
+        result = spurious_audit(AuditParams(**params, split=split, top_fraction=top_fraction))
+    except VitsemError as e:
+        raise _fail(e) from e
+    print_audit(result)
+    from vitsem import jobs
+    from vitsem.settings import Settings
+
+    store = jobs.context(Settings()).store
+    prefix = f"reports/spurious_audit/{result['audit_digest']}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in json.loads(store.get(f"{prefix}/files.json")):
+        (out / name).write_bytes(store.get(f"{prefix}/{name}"))
+    console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
+                  f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
                ) -> None:
@@ -365,17 +426,19 @@ def serve(
 ) -> None:
     """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
 
-    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`
-    and `attention_analysis/on-demand` to trigger from the Prefect UI or
+    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`,
+    `attention_analysis/on-demand` and `spurious_audit/on-demand` to trigger from the Prefect UI or
     `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
     from prefect import serve as prefect_serve
 
     from flows.attention_analysis import attention_analysis
     from flows.model_audit import model_audit
     from flows.sift_extraction import sift_extraction
+    from flows.spurious_audit import spurious_audit
 
     params = audit_parameters(data, checkpoint, model)
     deployments: list[Any] = [
+        spurious_audit.to_deployment(name="on-demand", parameters=params),
         model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
                                   description="Nightly audit of the configured model"),
         sift_extraction.to_deployment(name="on-demand", parameters=params),
@@ -388,8 +451,8 @@ def serve(
 def demo() -> None:
     """Run the whole pipeline through the flows on the embedded defaults.
 
-    Benchmark data, a tiny ViT (trained once, registered in MLflow), SIFT extraction and
-    attention analysis; ends by printing where everything is."""
+    Benchmark data, a tiny ViT (trained once, registered in MLflow), SIFT extraction,
+    attention analysis and the spurious-correlation audit; ends by printing where everything is."""
     import time
 
     from flows.attention_analysis import AnalysisParams
@@ -412,6 +475,8 @@ def demo() -> None:
         raise _fail(e) from e
     analysis = result["attention_analysis"]
     print_profile(analysis["layer_profile"])
+    if result.get("spurious_audit"):
+        print_audit(result["spurious_audit"])
     pub = settings.public_dict()
     sift = result["sift_extraction"]
     console.print(f"\nSIFT: {sift['computed']} images computed, {sift['cached']} found in the "
@@ -420,6 +485,8 @@ def demo() -> None:
     console.print(f"artifacts  {pub['artifact_uri']}")
     console.print(f"metadata   {pub['database_url']}")
     console.print(f"MLflow     {pub['mlflow_tracking_uri']} (run {analysis['mlflow_run_id']})")
+    if result.get("spurious_audit"):
+        console.print(f"audit      {result['spurious_audit']['report_uri']}")
     console.print(f"  open it: mlflow ui --backend-store-uri {pub['mlflow_tracking_uri']}")
     api = os.environ.get("PREFECT_API_URL")
     if api:

@@ -58,3 +58,7 @@ class CheckpointError(VitsemError):
 
 class DatasetError(VitsemError):
     """A data set folder or manifest that cannot be used."""
+
+
+class AuditInputError(VitsemError):
+    """Data or a model the spurious-correlation audit cannot answer for."""

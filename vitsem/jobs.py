@@ -11,6 +11,7 @@ import functools
 import hashlib
 import io
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,11 @@ import numpy as np
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
-from vitsem.errors import ImageError
+from vitsem.audit.benchmark import AUDIT_SIFT, view_mask
+from vitsem.audit.inputs import LabelledImage
+from vitsem.audit.pipeline import AuditConfig, AuditData, audit
+from vitsem.audit.report import write_report
+from vitsem.errors import AuditInputError, ImageError
 from vitsem.images import ImageLimits, open_image
 from vitsem.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, detect_sift
 from vitsem.models import ModelSpec, load_model
@@ -28,7 +33,14 @@ from vitsem.pipeline import AnalysisConfig, AnalysisResult, analyze_batch, new_a
 from vitsem.settings import Settings
 from vitsem.stats import StatsAccumulator
 from vitsem.storage.artifacts import ArtifactStore, content_key, open_store, sha256_bytes
-from vitsem.storage.db import AnalysisShard, Image, KeypointSet, MetadataStore, ModelRecord
+from vitsem.storage.db import (
+    AnalysisShard,
+    AuditFinding,
+    Image,
+    KeypointSet,
+    MetadataStore,
+    ModelRecord,
+)
 from vitsem.view import ModelView
 
 
@@ -291,3 +303,123 @@ def merge_analysis(settings: Settings, reports: Sequence[ShardReport], model: st
         analyze_batch(examples, analyzer, view, cfg, scratch)
         result.examples = scratch.examples
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Spurious-correlation audit
+
+
+@dataclass
+class AuditReport:
+    """What an audit run produced: the summary document, the report files (local copies,
+    also in the artifact store under ``report_prefix``) and the rejected images."""
+
+    digest: str
+    summary: dict[str, Any]
+    files: list[Path]
+    report_prefix: str
+    report_uri: str
+    cached: bool
+    rejected: list[dict[str, str]]
+
+
+def _label_indices(images: Sequence[LabelledImage], spec: ModelSpec, num_classes: int
+                   ) -> tuple[list[str], np.ndarray]:
+    names = spec.class_names
+    if names is None:
+        raise AuditInputError(
+            f"model {spec.name} carries no class names, so its outputs cannot be matched to "
+            "the labels; audit a vitsem checkpoint (saved with its classes) or one trained "
+            "on the labels' classes")
+    unknown = sorted({im.label for im in images} - set(names))
+    if unknown or len(names) != num_classes:
+        raise AuditInputError(
+            f"the labels {unknown[:8]} are not classes of the model (it predicts "
+            f"{names[:8]}{'...' if len(names) > 8 else ''}); audit the model on data of its "
+            "own classes")
+    index = {n: i for i, n in enumerate(names)}
+    return list(names), np.array([index[im.label] for im in images], np.int64)
+
+
+def audit_images(settings: Settings, dataset_id: int, images: Sequence[LabelledImage],
+                 model: str | None, checkpoint: str | None, cfg: AuditConfig = AuditConfig(),
+                 meta: dict[str, Any] | None = None) -> AuditReport:
+    """Audit ``model`` on labelled images: keypoints (with descriptors) from the store or
+    computed, the audit, the report stored under ``reports/spurious_audit/<digest>/`` and
+    its findings indexed in SQL. A finished audit of the same weights, images, labels and
+    parameters is found in the store instead of being run again."""
+    cfg.validate()
+    ctx = context(settings)
+    net, spec, checksum = load_model_cached(model, checkpoint)
+    class_names, _ = _label_indices(images, spec, int(getattr(net, "num_classes", 0)))
+    view = ModelView.from_model(net)
+    digest = keypoint_params_digest(view, AUDIT_SIFT)
+    indexed = _indexed_keypoints(ctx, digest)
+    sift_report = ShardReport(0)
+    kept: list[tuple[LabelledImage, ViewedKeypoints]] = []
+    for im in images:
+        item = _image_keypoints(ctx, dataset_id, im.path, view, digest, AUDIT_SIFT,
+                                ImageLimits(), indexed, sift_report, need_view=True)
+        if item is not None:
+            kept.append((im, item))
+    if not kept:
+        reasons = sorted({r["reason"] for r in sift_report.rejected})
+        raise AuditInputError(f"all {len(images)} images were rejected ({', '.join(reasons)});"
+                              " nothing can be audited; see the rejected list and fix the files")
+    labels = _label_indices([im for im, _ in kept], spec, len(class_names))[1]
+    audit_digest = hashlib.sha256(json.dumps({
+        "model": checksum, "cfg": asdict(cfg), "images": sorted(
+            f"{sha}:{im.label}:{im.group}" for sha, (im, _) in zip(
+                sift_report.image_sha256, kept, strict=True))}, sort_keys=True).encode()
+    ).hexdigest()[:24]
+    prefix = f"reports/spurious_audit/{audit_digest}"
+    out = Path(tempfile.mkdtemp(prefix="vitsem-audit-"))
+    cached = ctx.store.exists(f"{prefix}/audit.json")
+    if cached:
+        listing = json.loads(ctx.store.get(f"{prefix}/files.json"))
+        files = []
+        for name in listing:
+            (out / name).write_bytes(ctx.store.get(f"{prefix}/{name}"))
+            files.append(out / name)
+        summary = json.loads((out / "audit.json").read_text())
+    else:
+        masks = None
+        if all(im.mask for im, _ in kept):
+            masks = np.stack([view_mask(np.asarray(open_image(str(im.mask)).convert("L")), view)
+                              for im, _ in kept])
+        clean = (np.array([bool(im.clean) for im, _ in kept])
+                 if all(im.clean is not None for im, _ in kept) else None)
+        data = AuditData(
+            views=np.stack([it.view for _, it in kept]),
+            keypoints=[it.keypoints for _, it in kept], labels=labels,
+            class_names=class_names, groups=[im.group for im, _ in kept], masks=masks,
+            clean=clean, names=[Path(im.path).name for im, _ in kept])
+        result = audit(net, view, data, cfg)
+        files = write_report(result, data, out, {
+            "model": spec.name, "checkpoint": Path(checkpoint).name if checkpoint else None,
+            "model_checksum": checksum[:16], "audit_digest": audit_digest,
+            "rejected": len(sift_report.rejected), **(meta or {})})
+        summary = json.loads((out / "audit.json").read_text())
+        # files.json last: its presence marks a complete report in the store.
+        for f in files:
+            ctx.store.put(f"{prefix}/{f.name}", f.read_bytes())
+        ctx.store.put(f"{prefix}/files.json", json.dumps([f.name for f in files]).encode())
+    report_uri = ctx.store.uri_for(f"{prefix}/report.html")
+    with ctx.meta.session() as s:
+        for map_name, findings in summary["findings"].items():
+            for f in findings:
+                _insert_ignore(s, AuditFinding.__table__, {  # type: ignore[arg-type]
+                    "audit_digest": audit_digest, "model_checksum": checksum,
+                    "dataset_id": dataset_id, "map_name": map_name, "rank": f["rank"],
+                    "class_name": f["class_name"], "confirmed": bool(f["confirmed"]),
+                    "shortcut": bool(f["shortcut"]), "confidence": float(f["confidence"]),
+                    "effect": _finite(f["effect"]), "random_effect": _finite(f["random_effect"]),
+                    "evidence": {k: _finite(v) if isinstance(v, float) else v
+                                 for k, v in f.items()},
+                    "report_uri": report_uri}, ["audit_digest", "map_name", "rank"])
+    return AuditReport(audit_digest, summary, files, prefix, report_uri, cached,
+                       sift_report.rejected)
+
+
+def _finite(v: Any) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)

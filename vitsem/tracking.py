@@ -82,6 +82,48 @@ def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
     return run_id
 
 
+def _metric_name(*parts: str) -> str:
+    # MLflow metric names allow letters, digits, "_", "-", ".", " " and "/" only.
+    return ".".join(p.replace(":", "-") for p in parts)
+
+
+def log_audit(settings: Settings, params: dict[str, Any], summary: dict[str, Any],
+              files: list[Path]) -> str:
+    """Log a spurious-correlation audit to a run of ``vitsem/spurious_audit``: accuracy and
+    worst-group accuracy per prompt, candidates and confirmed shortcuts per map, the report
+    (HTML, PNGs, JSON) as artifacts. Returns the run id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(settings)
+    run = client.create_run(experiment_id(settings, "spurious_audit"),
+                            tags={"vitsem.flow": "spurious_audit",
+                                  "vitsem.audit_status": summary["status"]})
+    run_id = str(run.info.run_id)
+    ts = int(run.info.start_time)
+    try:
+        metrics = [Metric("images", float(summary["images"]), ts, 0)]
+        for prompt, o in summary["prompts"].items():
+            for key in ("accuracy", "worst_group_accuracy", "clean_accuracy", "changed"):
+                if o.get(key) is not None:
+                    metrics.append(Metric(_metric_name("prompt", prompt, key), float(o[key]),
+                                          ts, 0))
+        for map_name, findings in summary["findings"].items():
+            metrics.append(Metric(_metric_name("candidates", map_name), float(len(findings)),
+                                  ts, 0))
+            metrics.append(Metric(_metric_name("shortcuts", map_name),
+                                  float(sum(f["shortcut"] for f in findings)), ts, 0))
+        client.log_batch(run_id, metrics=metrics,
+                         params=[Param(k, _param(v)) for k, v in sorted(params.items())],
+                         tags=[RunTag("vitsem.settings", _param(settings.public_dict()))])
+        for f in files:
+            client.log_artifact(run_id, str(f), artifact_path="report")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
 def run_url(settings: Settings, run_id: str) -> str | None:
     """A link to the run in the MLflow UI when the tracking URI is a server."""
     uri = settings.resolved_mlflow_uri()

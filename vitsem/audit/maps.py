@@ -1,5 +1,9 @@
 """Attribution maps over patches, (B, N), each row summing to 1: the method's semantic
-maps and the baselines it is compared with (METHOD.md §3)."""
+map and the baselines it is compared with (METHOD.md §3).
+
+Every map takes ``(model, x, semantic)``: images (B, 3, H, W) and the patches' semantic
+weights w (B, N) (keypoint concentration, rows summing to 1 or all zero). Only the
+method's own map reads ``semantic``; the baselines ignore it, so one harness runs all."""
 
 from __future__ import annotations
 
@@ -22,7 +26,30 @@ def _prefix(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cls_attention_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def semantic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor
+                       ) -> torch.Tensor:
+    """The method's map: CLS attention over patches averaged over every block and head,
+    weighted by the patch's semantic weight w_i. Images without keypoints keep the plain
+    attention (there is no semantic evidence to weight by)."""
+    p = _prefix(model)
+    acc: dict[str, torch.Tensor] = {}
+
+    def sink(_layer: int, block: AttentionBlock) -> None:
+        a = block.probs[:, :, 0, p:].mean(1)
+        acc["sum"] = a if "sum" not in acc else acc["sum"] + a
+
+    with capture_attention(model, sink):
+        model(x)
+    attn = _normalise(acc["sum"])
+    w = semantic.to(attn)
+    weighted = attn * w
+    has_keypoints = (w.sum(-1, keepdim=True) > 0)
+    return torch.where(has_keypoints, _normalise(weighted), attn)
+
+
+@torch.no_grad()
+def cls_attention_last(model: nn.Module, x: torch.Tensor,
+                       semantic: torch.Tensor | None = None) -> torch.Tensor:
     """The last block's CLS attention over patches, averaged over heads."""
     last = len(attention_modules(model)) - 1
     p = _prefix(model)
@@ -38,7 +65,8 @@ def cls_attention_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def attention_rollout(model: nn.Module, x: torch.Tensor,
+                      semantic: torch.Tensor | None = None) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020): the product over blocks of the head-mean
     attention mixed with the identity for the residual, (0.5 A + 0.5 I) row-normalised;
     the CLS row over patches."""
@@ -56,8 +84,8 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _normalise(state["r"][:, 0, p:])
 
 
-def gradcam_tokens(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def gradcam_tokens(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None,
+                   target: torch.Tensor | None = None) -> torch.Tensor:
     """Grad-CAM on the last block's output tokens: ReLU(sum_c w_c a_ic) with w_c the
     token-mean gradient of the target logit (default: the predicted class)."""
     blocks = getattr(model, "blocks", None)
@@ -79,9 +107,29 @@ def gradcam_tokens(model: nn.Module, x: torch.Tensor, target: torch.Tensor | Non
     return _normalise(torch.relu((weights * act).sum(-1)))
 
 
-MAPS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+def random_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Uniform random scores per patch: the chance baseline (seeded by the batch size, so a
+    run is reproducible)."""
+    n = token_count(model, x)
+    g = torch.Generator().manual_seed(len(x))
+    return _normalise(torch.rand(len(x), n, generator=g))
+
+
+def token_count(model: nn.Module, x: torch.Tensor) -> int:
+    """N, the number of patch tokens of ``model`` for images ``x``."""
+    from vitsem.attention import token_layout
+
+    return token_layout(model, (int(x.shape[-2]), int(x.shape[-1]))).grid.num_patches
+
+
+AttributionMap = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+MAPS: dict[str, AttributionMap] = {
+    "semantic": semantic_attention,
     "cls_last": cls_attention_last,
     "rollout": attention_rollout,
     "gradcam": gradcam_tokens,
+    "random": random_map,
 }
 """Registry of attribution maps by name."""

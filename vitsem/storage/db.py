@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -111,6 +113,32 @@ class AnalysisShard(Base):
     shard_digest: Mapped[str] = mapped_column(String(64))
     artifact_uri: Mapped[str] = mapped_column(String(1024))
     num_images: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AuditFinding(Base):
+    """One candidate shortcut of a spurious-correlation audit: which map found it, where
+    it ranks, its evidence and whether the causal check confirmed it. ``audit_digest``
+    identifies the audit (model weights, images, labels, parameters), so a rerun of the
+    same audit adds no rows."""
+
+    __tablename__ = "audit_findings"
+    __table_args__ = (UniqueConstraint("audit_digest", "map_name", "rank",
+                                       name="uq_audit_finding"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    audit_digest: Mapped[str] = mapped_column(String(64), index=True)
+    model_checksum: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    map_name: Mapped[str] = mapped_column(String(32))
+    rank: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(256))
+    confirmed: Mapped[bool] = mapped_column(Boolean)
+    shortcut: Mapped[bool] = mapped_column(Boolean)
+    confidence: Mapped[float] = mapped_column(Float)
+    effect: Mapped[float | None] = mapped_column(Float)
+    random_effect: Mapped[float | None] = mapped_column(Float)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    report_uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

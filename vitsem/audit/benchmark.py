@@ -1,0 +1,96 @@
+"""The audit on the shipped shortcut benchmark, where the truth is known: loading a split as
+:class:`AuditData` and scoring findings against the planted glyph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+from PIL import Image
+from scipy.stats import rankdata
+
+from vitsem.audit.pipeline import AuditData, Finding
+from vitsem.audit.scores import patch_coverage
+from vitsem.concentration import TokenGrid
+from vitsem.images import open_image
+from vitsem.keypoints import Keypoints, SiftParams, detect_sift, parallel_map
+from vitsem.shortcut_data import Sample, ShortcutDataset
+from vitsem.view import ModelView
+
+AUDIT_SIFT = SiftParams(descriptors=True)
+"""SIFT with descriptors: recurring-pattern discovery compares descriptors."""
+
+
+def view_mask(mask: np.ndarray, view: ModelView) -> np.ndarray:
+    """(h, w) mask of a stored image -> (H, W) bool in the model view (same resize/crop)."""
+    img = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
+    return view.geometry_array(img)[..., 0] > 127
+
+
+def box_mask(box: Sequence[int] | None, hw: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(hw, bool)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        out[y0:y1, x0:x1] = True
+    return out
+
+
+@dataclass
+class BenchmarkAudit:
+    """A benchmark split ready to audit, with ``truth`` (B, N): the share of each patch the
+    planted glyph covers."""
+
+    data: AuditData
+    samples: list[Sample]
+    truth: np.ndarray
+
+
+def _load_one(job: tuple[str, str, ModelView, SiftParams]) -> tuple[np.ndarray, np.ndarray,
+                                                                     Keypoints]:
+    image, mask, view, sift = job
+    v = view.geometry_array(open_image(image))
+    return v, view_mask(np.asarray(Image.open(mask).convert("L")), view), detect_sift(v, sift)
+
+
+def load_benchmark(root: str | Path, split: str, view: ModelView, grid: TokenGrid,
+                   sift: SiftParams = AUDIT_SIFT, workers: int = 1) -> BenchmarkAudit:
+    """A split of a benchmark folder as audit data, with masks, groups and the glyph truth."""
+    ds = ShortcutDataset.load(root)
+    samples = ds.split(split)
+    jobs = [(str(ds.root / s.file), str(ds.root / s.mask), view, sift) for s in samples]
+    loaded = cast(list[tuple[np.ndarray, np.ndarray, Keypoints]],
+                  list(parallel_map(_load_one, jobs, workers, chunksize=32)))
+    views = np.stack([v for v, _, _ in loaded])
+    hw = (ds.spec.image_size, ds.spec.image_size)
+    truth = np.stack([patch_coverage(view_mask(box_mask(s.glyph_box, hw), view), grid)
+                      for s in samples])
+    data = AuditData(
+        views=views, keypoints=[k for _, _, k in loaded],
+        labels=np.array([s.label for s in samples], np.int64), class_names=ds.class_names,
+        groups=[s.group for s in samples], masks=np.stack([m for _, m, _ in loaded]),
+        clean=np.array([not s.shortcut for s in samples]), names=[s.file for s in samples])
+    return BenchmarkAudit(data, samples, truth)
+
+
+def is_planted(finding: Finding, truth: np.ndarray, shortcut_class: int,
+               min_precision: float = 0.5) -> bool:
+    """A finding is the planted shortcut when it belongs to the shortcut class and at least
+    ``min_precision`` of the patches it marks are (partly, >= 25%) glyph patches."""
+    marked = finding.patches
+    if finding.cls != shortcut_class or not marked.any():
+        return False
+    return float((truth[marked] >= 0.25).mean()) >= min_precision
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties count
+    half); NaN when either class is absent."""
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
