@@ -45,9 +45,16 @@ def run_one(setting: dict[str, Any], seed: int, work: Path, args: argparse.Names
     root = work / name
     spec = ShortcutSpec(n_train=args.n_train, n_test=args.n_test, seed=seed, **setting)
     t0 = time.perf_counter()
-    make_shortcut_dataset(root, spec, workers=2)
-    trained = train_classifier(root, root / "model.safetensors",
-                               TrainConfig(epochs=args.epochs, depth=args.depth, seed=seed))
+    config = TrainConfig(epochs=args.epochs, depth=args.depth, seed=seed)
+    stamp = root / "trained.json"  # a model trained earlier with the same data and config
+    key = json.dumps({"spec": spec.__dict__, "train": config.__dict__}, sort_keys=True)
+    if stamp.exists() and json.loads(stamp.read_text())["key"] == key:
+        train_accuracy = json.loads(stamp.read_text())["train_accuracy"]
+    else:
+        make_shortcut_dataset(root, spec, workers=2)
+        trained = train_classifier(root, root / "model.safetensors", config)
+        train_accuracy = trained.train_accuracy
+        stamp.write_text(json.dumps({"key": key, "train_accuracy": train_accuracy}))
     t_train = time.perf_counter() - t0
     net, _ = load_model(None, root / "model.safetensors")
     view = ModelView.from_model(net)
@@ -57,9 +64,15 @@ def run_one(setting: dict[str, Any], seed: int, work: Path, args: argparse.Names
     result = audit(net, view, bench.data, AuditConfig(seed=seed))
     t_audit = time.perf_counter() - t1
     present = ~bench.data.clean
+    # Does the model use the glyph at all? The rise in "shortcut class" predictions when the
+    # glyph is present (decorrelated test split, so the label does not explain it).
+    to_target = result.predicted == spec.shortcut_class
+    gap = float(to_target[present].mean() - to_target[~present].mean()) if present.any() \
+        else 0.0
     row: dict[str, Any] = {"setting": setting, "seed": seed, "train_seconds": t_train,
-                           "audit_seconds": t_audit, "train_accuracy": trained.train_accuracy,
-                           "status": result.status, "maps": {}, "prompts": {}}
+                           "audit_seconds": t_audit, "train_accuracy": train_accuracy,
+                           "shortcut_gap": gap, "status": result.status, "maps": {},
+                           "prompts": {}}
     for map_name, m in result.maps.items():
         top = m.top
         row["maps"][map_name] = {
@@ -83,15 +96,33 @@ def _mean(values: list[Any]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+RELIES = 0.1
+"""A model relies on the glyph when it raises shortcut-class predictions by >= 10 points."""
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no rows yet")
         return
+    every_planted = [r for r in rows if r["setting"]["glyph"] != "none"]
+    relied = [r for r in every_planted if r["shortcut_gap"] >= RELIES]
+    print(f"\n{len(rows)} runs ({len(every_planted)} with a planted glyph, of which "
+          f"{len(relied)} trained a model that relies on it: shortcut gap >= {RELIES})")
+    for r in every_planted:
+        s = r["setting"]
+        print(f"  {s['glyph']:9s} {s['position']:7s} rho={s['rho']:<5} seed {r['seed']}: gap "
+              f"{r['shortcut_gap']:+.2f}, semantic top-1 planted "
+              f"{r['maps'].get('semantic', {}).get('top1_planted')}")
+    print_detection(rows, every_planted, "all planted runs")
+    print_detection(rows, relied, "runs whose model relies on the glyph")
+    print_prompting(rows, relied)
+
+
+def print_detection(rows: list[dict[str, Any]], planted: list[dict[str, Any]], title: str
+                    ) -> None:
     maps = list(rows[0]["maps"]) or ["semantic"]
-    planted = [r for r in rows if r["setting"]["glyph"] != "none"]
     control = [r for r in rows if r["setting"]["glyph"] == "none"]
-    print(f"\n{len(rows)} runs ({len(planted)} with a planted glyph, {len(control)} controls)")
-    print("\nDetection (planted settings; control = no-glyph runs)")
+    print(f"\nDetection over {title} ({len(planted)}); control = {len(control)} no-glyph runs")
     print(f"{'map':10s} {'top-1 planted':>14s} {'top-1 confirmed':>16s} {'AUROC mean':>11s} "
           f"{'AUROC min':>10s} {'control: no confirmed':>22s}")
     for m in maps:
@@ -105,7 +136,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{np.mean(conf) if conf else float('nan'):16.2f} {_mean(aucs):11.3f} "
               f"{min(vals) if vals else float('nan'):10.3f} "
               f"{np.mean(clean) if clean else float('nan'):22.2f}")
-    print("\nPrompting (mean over runs; worst glyph group = worst group holding the glyph)")
+
+
+def print_prompting(rows: list[dict[str, Any]], planted: list[dict[str, Any]]) -> None:
+    control = [r for r in rows if r["setting"]["glyph"] == "none"]
+    print("\nPrompting over runs whose model relies on the glyph (mean; worst glyph group = "
+          "worst group holding the glyph)")
     for rho in sorted({r["setting"]["rho"] for r in planted}):
         sel = [r for r in planted if r["setting"]["rho"] == rho]
         print(f"\nrho = {rho} ({len(sel)} runs)")
@@ -117,6 +153,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                   f"{_mean([v['worst_group_accuracy'] for v in vals]):12.3f} "
                   f"{_mean([v['worst_glyph_group_accuracy'] for v in vals]):16.3f} "
                   f"{_mean([v['clean_accuracy'] for v in vals]):14.3f}")
+        for p in ("drop:semantic", "random"):
+            d = {k: _mean([(r["prompts"][p][k] or np.nan) - (r["prompts"]["none"][k] or np.nan)
+                           for r in sel])
+                 for k in ("accuracy", "worst_group_accuracy", "worst_glyph_group_accuracy",
+                           "clean_accuracy")}
+            print(f"{'  change ' + p:15s} {d['accuracy']:+9.3f} {d['worst_group_accuracy']:+12.3f}"
+                  f" {d['worst_glyph_group_accuracy']:+16.3f} {d['clean_accuracy']:+14.3f}")
     if control:
         print(f"\ncontrol ({len(control)} runs): accuracy "
               f"{_mean([r['prompts']['none']['accuracy'] for r in control]):.3f} -> "

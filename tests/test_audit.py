@@ -310,3 +310,28 @@ def test_audit_flow_errors_are_clear_and_recorded(
     eng.dispose()
     assert statuses == ["failed", "failed"]
 
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_cli_audit_prints_findings_and_writes_the_report(
+        shortcut_data: Path, shortcut_model: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from vitsem.cli import app
+
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "200")
+    for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["audit", str(shortcut_data), "--checkpoint",
+                                      str(shortcut_model), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "shortcut" in result.output and "drop:semantic" in result.output
+    assert (out / "report.html").is_file() and (out / "finding_semantic_1.png").is_file()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((shortcut_data / "images" / "test").glob("*.png")), flat / "a.png")
+    bad = CliRunner().invoke(app, ["audit", str(flat), "--checkpoint", str(shortcut_model)])
+    assert bad.exit_code == 2 and "sub-folder named after the class" in bad.output

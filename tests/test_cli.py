@@ -15,7 +15,8 @@ from vitsem.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "make"], ["train"], ["sift"], ["analyze"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "make"], ["train"], ["sift"], ["analyze"],
+                                 ["audit"]])
 def test_help(cmd: list[str]) -> None:
     result = runner.invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0, result.output
