@@ -55,6 +55,9 @@ def test_local_store_atomic_and_content_addressed(tmp_path: Path) -> None:
     with pytest.raises(ArtifactConflictError):
         store.put(key, b"two")
     assert store.get(key) == b"one"
+    store.replace("pointers/latest.json", b"1")
+    assert store.replace("pointers/latest.json", b"2").endswith("pointers/latest.json")
+    assert store.get("pointers/latest.json") == b"2"
     assert not list((tmp_path / "a").rglob(".tmp-*"))
     for bad in ("../x", "/abs", "a//b", "a/../b", "", "a b"):
         with pytest.raises(ArtifactStoreError):
@@ -72,6 +75,9 @@ def test_s3_store_round_trip_and_multipart(s3_bucket: str, tmp_path: Path) -> No
     assert store.get("a/b.bin") == b"hello"
     with pytest.raises(ArtifactConflictError):
         store.put("a/b.bin", b"other")
+    store.replace("a/b.bin", b"other")  # mutable keys are replaced on purpose
+    assert store.get("a/b.bin") == b"other"
+    store.put("a/b.bin", b"other")  # and are then the stored content
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * (24 * 1024 * 4))  # 24 MiB
     small_parts = S3ArtifactStore(f"s3://{s3_bucket}/pre", multipart_threshold=5 * 1024 * 1024)

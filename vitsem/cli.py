@@ -19,6 +19,9 @@ from vitsem.errors import VitsemError
 # Prefect's ephemeral server writes telemetry to its SQLite file while flows start, which
 # races with the flow's own writes ("database is locked" noise); the CLI needs none of it.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The ephemeral API starts a server process; on a busy 2-core machine it can need more than
+# Prefect's default 20 s to answer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(help="Explain and audit Vision Transformers through SIFT keypoints.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -379,6 +382,47 @@ def audit(
         (out / name).write_bytes(store.get(f"{prefix}/{name}"))
     console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
                   f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Path | None, typer.Argument(
+        help="Benchmark folder (train split to pre-train on, test split for the probes).")
+    ] = None,
+    masker: Annotated[str, typer.Option(help="random, sift, sift-hint or kamim.")] = "sift",
+    alpha: Annotated[float, typer.Option(help="sift exponent (< 0 keeps semantic patches "
+                                              "visible).")] = 1.0,
+    mask_ratio: Annotated[float, typer.Option(help="Share of patches masked.")] = 0.75,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    limit: Annotated[int | None, typer.Option(help="Training images at most.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Keypoint-guided MAE pre-training (the `guided_pretrain` flow).
+
+    Per-epoch loss, linear-probe and k-NN accuracy to MLflow, a checkpoint per epoch in the
+    artifact store (a rerun resumes from the last one), the encoder registered in MLflow.
+    With no data: the shipped benchmark."""
+    from flows.guided_pretrain import PretrainParams, guided_pretrain
+
+    try:
+        if data is None:
+            data, _ = ensure_default_model()
+        result = guided_pretrain(PretrainParams(
+            data=str(Path(data).resolve()), masker=masker, alpha=alpha, mask_ratio=mask_ratio,
+            epochs=epochs, limit=limit, seed=seed, device=device))
+    except (VitsemError, ValueError) as e:
+        raise _fail(e) from e
+    table = Table(title=f"Pre-training ({masker})")
+    for col in ("epoch", "loss", "linear probe", "k-NN", "seconds"):
+        table.add_column(col, justify="right")
+    for r in result["history"]:
+        table.add_row(str(int(r["epoch"])), f"{r['loss']:.4f}",
+                      f"{r.get('linear_probe', float('nan')):.3f}",
+                      f"{r.get('knn', float('nan')):.3f}", f"{r['epoch_seconds']:.1f}")
+    console.print(table)
+    console.print(f"resumed from epoch {result['resumed_from_epoch']}; encoder registered as "
+                  f"{result['registered']}; checkpoints under {result['checkpoints']}")
 
 
 @db_app.command("upgrade")

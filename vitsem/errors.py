@@ -62,3 +62,12 @@ class DatasetError(VitsemError):
 
 class AuditInputError(VitsemError):
     """Data or a model the spurious-correlation audit cannot answer for."""
+
+
+class PretrainInputError(VitsemError, ValueError):
+    """Pre-training data or settings that cannot work (a keypoint grid that does not match
+    the encoder, say)."""
+
+
+class ProbeDataError(PretrainInputError):
+    """Labelled data the linear probe or k-NN cannot evaluate on."""

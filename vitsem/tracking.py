@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +136,22 @@ def run_url(settings: Settings, run_id: str) -> str | None:
 
 
 def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: str,
-                        params: dict[str, Any], metrics: dict[str, float]) -> tuple[str, str]:
-    """Log a safetensors checkpoint to a run of ``vitsem/train`` and register it as a version
-    of model ``name`` with ``alias``. Only weights travel: nothing is pickled.
+                        params: dict[str, Any], metrics: dict[str, float],
+                        run_id: str | None = None) -> tuple[str, str]:
+    """Log a safetensors checkpoint to a run (``run_id``, or a new run of ``vitsem/train``)
+    and register it as a version of model ``name`` with ``alias``. Only weights travel:
+    nothing is pickled.
 
     Returns (run id, model version)."""
     from mlflow.entities import Metric, Param
 
     client = _client(settings)
-    run = client.create_run(experiment_id(settings, "train"), tags={"vitsem.flow": "train"})
-    run_id = str(run.info.run_id)
-    ts = int(run.info.start_time)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-                     params=[Param(k, _param(v)) for k, v in sorted(params.items())])
+    if run_id is None:
+        run = client.create_run(experiment_id(settings, "train"), tags={"vitsem.flow": "train"})
+        run_id = str(run.info.run_id)
+        ts = int(run.info.start_time)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                         params=[Param(k, _param(v)) for k, v in sorted(params.items())])
     client.log_artifact(run_id, str(checkpoint), artifact_path="model")
     client.set_terminated(run_id, "FINISHED")
     try:
@@ -158,3 +162,22 @@ def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: 
     version = client.create_model_version(name, source, run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
     return run_id, str(version.version)
+
+
+def log_epoch(settings: Settings, run_id: str | None, params: dict[str, Any],
+              record: dict[str, float]) -> str:
+    """Log one pre-training epoch's record (step = epoch) to ``run_id``, creating a run of
+    ``vitsem/guided_pretrain`` with ``params`` on the first epoch. Returns the run id."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(settings)
+    if run_id is None:
+        run = client.create_run(experiment_id(settings, "guided_pretrain"),
+                                tags={"vitsem.flow": "guided_pretrain"})
+        run_id = str(run.info.run_id)
+        client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())])
+    step = int(record["epoch"])
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in record.items()
+                                      if k != "epoch" and v == v])
+    return run_id

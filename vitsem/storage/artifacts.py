@@ -62,6 +62,10 @@ class ArtifactStore(Protocol):
     def put(self, key: str, data: bytes) -> str:
         """Store ``data`` under ``key`` unless the same bytes are there; return its URI."""
 
+    def replace(self, key: str, data: bytes) -> str:
+        """Store ``data`` under ``key``, atomically replacing what is there (for mutable
+        keys: resume pointers, checkpoints a resumed run writes again)."""
+
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
@@ -101,6 +105,10 @@ class LocalArtifactStore:
             if sha256_bytes(path.read_bytes()) != sha256_bytes(data):
                 raise ArtifactConflictError(f"{key!r} already holds different content")
             return path.as_uri()
+        return self.replace(key, data)
+
+    def replace(self, key: str, data: bytes) -> str:
+        path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -222,9 +230,12 @@ class S3ArtifactStore:
         return True
 
     def put(self, key: str, data: bytes) -> str:
-        digest = sha256_bytes(data)
-        if self._already_stored(key, digest):
+        if self._already_stored(key, sha256_bytes(data)):
             return self.uri_for(key)
+        return self.replace(key, data)
+
+    def replace(self, key: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
         self._call("put", lambda: self._client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}))
         return self.uri_for(key)

@@ -1,0 +1,1 @@
+"""Keypoint-guided masked-autoencoder pre-training (METHOD.md §4)."""

@@ -1,0 +1,62 @@
+"""Pre-training data from a benchmark folder: images as the encoder sees them, keypoint
+weights on the encoder's grid, and the labelled splits for the probes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitsem.attention import token_layout
+from vitsem.concentration import concentration, patch_weights
+from vitsem.errors import PretrainInputError
+from vitsem.keypoints import Keypoints, SiftParams, ViewedKeypoints, sift_files
+from vitsem.models import create_model
+from vitsem.pretrain.loop import PretrainConfig, PretrainData
+from vitsem.shortcut_data import ShortcutDataset
+from vitsem.view import ModelView
+
+
+def encoder_view(cfg: PretrainConfig) -> tuple[ModelView, tuple[int, int]]:
+    """The encoder's eval view and its patch grid (gh, gw)."""
+    enc = create_model(cfg.encoder_spec())
+    view = ModelView.from_model(enc)
+    return view, token_layout(enc, view.hw).grid.grid_hw
+
+
+def semantic_weights(keypoints: Sequence[Keypoints], cfg: PretrainConfig,
+                     weighting: str = "count") -> torch.Tensor:
+    """(M, N) patch weights w of each image's keypoints on the encoder's grid."""
+    enc = create_model(cfg.encoder_spec())
+    grid = token_layout(enc, ModelView.from_model(enc).hw).grid
+    c = np.stack([concentration(k, grid, weighting) for k in keypoints]) if keypoints else (
+        np.zeros((0, grid.num_patches)))
+    return torch.from_numpy(patch_weights(c)).float()
+
+
+def _viewed(paths: list[Path], view: ModelView, workers: int) -> list[ViewedKeypoints]:
+    out = []
+    for item in sift_files(paths, view, SiftParams(), workers=workers):
+        if not isinstance(item, ViewedKeypoints):
+            raise PretrainInputError(f"{item.path}: {item.reason}: {item.detail}")
+        out.append(item)
+    return out
+
+
+def benchmark_pretrain_data(root: str | Path, cfg: PretrainConfig, workers: int = 1,
+                            limit: int | None = None) -> PretrainData:
+    """Pre-train on the ``train`` split (``limit`` images at most), probe with its labels
+    and evaluate on ``test``. SIFT runs here, once, before any training."""
+    ds = ShortcutDataset.load(root)
+    view, _ = encoder_view(cfg)
+    train = _viewed(list(ds.paths("train"))[:limit], view, workers)
+    test = _viewed(list(ds.paths("test")), view, workers)
+    by_file = {str(ds.root / s.file): s.label for s in ds.samples}
+    x_tr = view.to_tensor(np.stack([v.view for v in train]))
+    x_te = view.to_tensor(np.stack([v.view for v in test]))
+    y_tr = torch.tensor([by_file[v.path] for v in train])
+    y_te = torch.tensor([by_file[v.path] for v in test])
+    return PretrainData(x_tr, semantic_weights([v.keypoints for v in train], cfg),
+                        (x_tr, y_tr, x_te, y_te))
