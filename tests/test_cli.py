@@ -16,7 +16,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("cmd", [[], ["data", "make"], ["train"], ["sift"], ["analyze"],
-                                 ["audit"]])
+                                 ["audit"], ["pretrain"]])
 def test_help(cmd: list[str]) -> None:
     result = runner.invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0, result.output

@@ -330,7 +330,7 @@ def print_audit(result: dict[str, Any]) -> None:
         table.add_column(col, justify="right" if col not in ("class", "verdict") else "left")
     for f in result["findings"].get("semantic", []):
         verdict = "[bold red]shortcut[/]" if f["shortcut"] else (
-            "on the object" if f["confirmed"] else "not confirmed")
+            "object" if f["confirmed"] else "unconfirmed")
         table.add_row(str(f["rank"]), f["class_name"], f"{f['recurrence']:.2f}",
                       f"{f['other_rate']:.2f}", f"{f['effect']:.3f}",
                       f"{f['random_effect']:.3f}", f"{f['p_value']:.2g}", verdict)
@@ -471,17 +471,21 @@ def serve(
     """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
 
     Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`,
-    `attention_analysis/on-demand` and `spurious_audit/on-demand` to trigger from the Prefect UI or
+    `attention_analysis/on-demand`, `spurious_audit/on-demand` and
+    `guided_pretrain/on-demand` to trigger from the Prefect UI or
     `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
     from prefect import serve as prefect_serve
 
     from flows.attention_analysis import attention_analysis
+    from flows.guided_pretrain import guided_pretrain
     from flows.model_audit import model_audit
     from flows.sift_extraction import sift_extraction
     from flows.spurious_audit import spurious_audit
 
     params = audit_parameters(data, checkpoint, model)
     deployments: list[Any] = [
+        guided_pretrain.to_deployment(name="on-demand", parameters={
+            "params": {"data": params["params"]["data"]}}),
         spurious_audit.to_deployment(name="on-demand", parameters=params),
         model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
                                   description="Nightly audit of the configured model"),

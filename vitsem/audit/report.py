@@ -76,7 +76,7 @@ def prompting_figure(result: AuditResult) -> Figure:
     ax.set_xticks(x, names, fontsize=7, rotation=20)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Prompting: accuracy with tokens removed", fontsize=9)
     fig.tight_layout()
     return fig
