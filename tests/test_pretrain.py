@@ -314,3 +314,12 @@ def test_flow_refuses_bad_settings_before_any_work(pretrain_data: Path, tmp_path
     with pytest.raises(PretrainInputError, match=r"mask ratio must be in \(0, 1\), got 1.0"):
         guided_pretrain(PretrainParams(data=str(pretrain_data), mask_ratio=1.0))
     assert not (tmp_path / "home" / "artifacts" / "pretrain").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_epoch_runs() -> None:
+    cfg = PretrainConfig(img_size=32, patch_size=8, depth=2, decoder_dim=32, decoder_depth=1,
+                         epochs=1, batch_size=16, masker="sift", device="cuda", amp=True)
+    state = pretrain(cfg, _data(cfg))
+    assert state.mask_gen.device.type == "cuda"
+    assert np.isfinite(state.history[0]["loss"]) and 0 <= state.history[0]["knn"] <= 1
