@@ -109,10 +109,10 @@ def gradcam_tokens(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | N
 
 def random_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """Uniform random scores per patch: the chance baseline (seeded by the batch size, so a
-    run is reproducible)."""
+    """Uniform random scores per patch: the chance baseline, seeded by the batch's pixels so a
+    run is reproducible and different batches get different draws."""
     n = token_count(model, x)
-    g = torch.Generator().manual_seed(len(x))
+    g = torch.Generator().manual_seed(int(x.double().abs().sum().item() * 1000) % 2**31)
     return _normalise(torch.rand(len(x), n, generator=g))
 
 

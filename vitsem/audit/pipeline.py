@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitsem.attention import token_layout
-from vitsem.audit.causal import CausalResult, causal_check
+from vitsem.audit.causal import CausalResult, causal_check, matched_random_drop
 from vitsem.audit.discovery import Candidate, discover_candidates
 from vitsem.audit.maps import MAPS
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
@@ -310,8 +310,6 @@ def _keep_top_k(weights: np.ndarray, keep: int) -> np.ndarray:
 
 
 def _matched_random(removed: np.ndarray, seed: int) -> np.ndarray:
-    from vitsem.audit.causal import matched_random_drop
-
     g = torch.Generator().manual_seed(seed)
     return matched_random_drop(torch.from_numpy(removed), g).numpy()
 
