@@ -91,6 +91,10 @@ def run_one(setting: dict[str, Any], seed: int, work: Path, args: argparse.Names
     return row
 
 
+def _diff(after: float | None, before: float | None) -> float:
+    return float("nan") if after is None or before is None else after - before
+
+
 def _mean(values: list[Any]) -> float:
     vals = [float(v) for v in values if v is not None and v == v]
     return float(np.mean(vals)) if vals else float("nan")
@@ -154,8 +158,7 @@ def print_prompting(rows: list[dict[str, Any]], planted: list[dict[str, Any]]) -
                   f"{_mean([v['worst_glyph_group_accuracy'] for v in vals]):16.3f} "
                   f"{_mean([v['clean_accuracy'] for v in vals]):14.3f}")
         for p in ("drop:semantic", "random"):
-            d = {k: _mean([(r["prompts"][p][k] or np.nan) - (r["prompts"]["none"][k] or np.nan)
-                           for r in sel])
+            d = {k: _mean([_diff(r["prompts"][p][k], r["prompts"]["none"][k]) for r in sel])
                  for k in ("accuracy", "worst_group_accuracy", "worst_glyph_group_accuracy",
                            "clean_accuracy")}
             print(f"{'  change ' + p:15s} {d['accuracy']:+9.3f} {d['worst_group_accuracy']:+12.3f}"
