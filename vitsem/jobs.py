@@ -26,6 +26,7 @@ from vitsem.audit.benchmark import AUDIT_SIFT, view_mask
 from vitsem.audit.inputs import LabelledImage
 from vitsem.audit.pipeline import AuditConfig, AuditData, audit
 from vitsem.audit.report import write_report
+from vitsem.concentration import TokenGrid
 from vitsem.errors import AuditInputError, ImageError, PretrainInputError
 from vitsem.images import ImageLimits, open_image
 from vitsem.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, detect_sift
@@ -447,12 +448,11 @@ class PretrainRun:
     mlflow_run_id: str | None
 
 
-def pretrain_weights(ctx: Context, dataset_id: int, paths: Sequence[str], cfg: PretrainConfig
-                     ) -> tuple[list[str], np.ndarray, torch.Tensor, list[str]]:
+def pretrain_weights(ctx: Context, dataset_id: int, paths: Sequence[str], view: ModelView,
+                     grid: TokenGrid) -> tuple[list[str], np.ndarray, torch.Tensor, list[str]]:
     """The usable paths, their views (M, H, W, 3), keypoint weights (M, N) on the encoder's
     grid from the keypoint store (computed and stored for images it lacks) and image hashes;
     bad files are rejected and left out."""
-    view, _ = encoder_view(cfg)
     sift = SiftParams()
     digest = keypoint_params_digest(view, sift)
     indexed = _indexed_keypoints(ctx, digest)
@@ -464,7 +464,7 @@ def pretrain_weights(ctx: Context, dataset_id: int, paths: Sequence[str], cfg: P
         raise PretrainInputError(f"all {len(paths)} images were rejected; nothing to train on")
     views = np.stack([it.view for it in items])
     return ([it.path for it in items], views,
-            semantic_weights([it.keypoints for it in items], cfg), report.image_sha256)
+            semantic_weights([it.keypoints for it in items], grid), report.image_sha256)
 
 
 def pretrain_run(settings: Settings, dataset_id: int, data_root: str, cfg: PretrainConfig,
@@ -475,12 +475,12 @@ def pretrain_run(settings: Settings, dataset_id: int, data_root: str, cfg: Pretr
     when the same run (config + images) was interrupted."""
     ctx = context(settings)
     ds = ShortcutDataset.load(data_root)
-    view, _ = encoder_view(cfg)
+    view, grid = encoder_view(cfg)
     labels = {str(ds.root / s.file): s.label for s in ds.samples}
     train = [str(ds.root / s.file) for s in ds.split("train")][:limit]
     test = [str(ds.root / s.file) for s in ds.split("test")]
-    tr_paths, tr_views, weights, hashes = pretrain_weights(ctx, dataset_id, train, cfg)
-    te_paths, te_views, _, _ = pretrain_weights(ctx, dataset_id, test, cfg)
+    tr_paths, tr_views, weights, hashes = pretrain_weights(ctx, dataset_id, train, view, grid)
+    te_paths, te_views, _, _ = pretrain_weights(ctx, dataset_id, test, view, grid)
     x_tr, x_te = view.to_tensor(tr_views), view.to_tensor(te_views)
     y_tr = torch.tensor([labels[p] for p in tr_paths])
     y_te = torch.tensor([labels[p] for p in te_paths])

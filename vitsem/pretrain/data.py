@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from vitsem.attention import token_layout
-from vitsem.concentration import concentration, patch_weights
+from vitsem.concentration import TokenGrid, concentration, patch_weights
 from vitsem.errors import PretrainInputError
 from vitsem.keypoints import Keypoints, SiftParams, ViewedKeypoints, sift_files
 from vitsem.models import create_model
@@ -19,18 +19,16 @@ from vitsem.shortcut_data import ShortcutDataset
 from vitsem.view import ModelView
 
 
-def encoder_view(cfg: PretrainConfig) -> tuple[ModelView, tuple[int, int]]:
-    """The encoder's eval view and its patch grid (gh, gw)."""
+def encoder_view(cfg: PretrainConfig) -> tuple[ModelView, TokenGrid]:
+    """The encoder's eval view and its patch grid (the encoder is built once for both)."""
     enc = create_model(cfg.encoder_spec())
     view = ModelView.from_model(enc)
-    return view, token_layout(enc, view.hw).grid.grid_hw
+    return view, token_layout(enc, view.hw).grid
 
 
-def semantic_weights(keypoints: Sequence[Keypoints], cfg: PretrainConfig,
+def semantic_weights(keypoints: Sequence[Keypoints], grid: TokenGrid,
                      weighting: str = "count") -> torch.Tensor:
-    """(M, N) patch weights w of each image's keypoints on the encoder's grid."""
-    enc = create_model(cfg.encoder_spec())
-    grid = token_layout(enc, ModelView.from_model(enc).hw).grid
+    """(M, N) patch weights w of each image's keypoints on the encoder's ``grid``."""
     c = np.stack([concentration(k, grid, weighting) for k in keypoints]) if keypoints else (
         np.zeros((0, grid.num_patches)))
     return torch.from_numpy(patch_weights(c)).float()
@@ -50,7 +48,7 @@ def benchmark_pretrain_data(root: str | Path, cfg: PretrainConfig, workers: int 
     """Pre-train on the ``train`` split (``limit`` images at most), probe with its labels
     and evaluate on ``test``. SIFT runs here, once, before any training."""
     ds = ShortcutDataset.load(root)
-    view, _ = encoder_view(cfg)
+    view, grid = encoder_view(cfg)
     train = _viewed(list(ds.paths("train"))[:limit], view, workers)
     test = _viewed(list(ds.paths("test")), view, workers)
     by_file = {str(ds.root / s.file): s.label for s in ds.samples}
@@ -58,5 +56,5 @@ def benchmark_pretrain_data(root: str | Path, cfg: PretrainConfig, workers: int 
     x_te = view.to_tensor(np.stack([v.view for v in test]))
     y_tr = torch.tensor([by_file[v.path] for v in train])
     y_te = torch.tensor([by_file[v.path] for v in test])
-    return PretrainData(x_tr, semantic_weights([v.keypoints for v in train], cfg),
+    return PretrainData(x_tr, semantic_weights([v.keypoints for v in train], grid),
                         (x_tr, y_tr, x_te, y_te))
