@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitsem.attention import token_layout
 from vitsem.audit.benchmark import auroc, is_planted, load_benchmark
 from vitsem.audit.pipeline import AuditConfig, audit
-from vitsem.models import load_model
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-from vitsem.train import TrainConfig, train_classifier
-from vitsem.view import ModelView
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.data.train import TrainConfig, train_classifier
+from vitsem.method.attention import token_layout
+from vitsem.method.models import load_model
+from vitsem.method.view import ModelView
 
 
 def settings(rhos: list[float], glyphs: list[str], positions: list[str]

@@ -24,12 +24,12 @@ import numpy as np
 import timm
 import torch
 
-from vitsem.analysis import InterrelationAnalyzer, SemanticBatch
-from vitsem.attention import token_layout
-from vitsem.concentration import concentration
-from vitsem.keypoints import ViewedKeypoints, default_workers, sift_files
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-from vitsem.view import ModelView
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.method.analysis import InterrelationAnalyzer, SemanticBatch
+from vitsem.method.attention import token_layout
+from vitsem.method.concentration import concentration
+from vitsem.method.keypoints import ViewedKeypoints, default_workers, sift_files
+from vitsem.method.view import ModelView
 
 
 def sample_images(folder: Path, n: int) -> list[Path]:
@@ -104,8 +104,8 @@ def bench_sift(paths: list[Path], repeats: int) -> dict[str, float]:
 
 MEMORY_CHILD = """
 import resource, sys, timm
-from vitsem.pipeline import AnalysisConfig, analyze_images
-from vitsem.shortcut_data import ShortcutDataset
+from vitsem.method.pipeline import AnalysisConfig, analyze_images
+from vitsem.data.shortcut import ShortcutDataset
 ds = ShortcutDataset.load(sys.argv[1])
 paths = [ds.root / s.file for s in ds.samples][: int(sys.argv[2])]
 model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=6,

@@ -30,9 +30,9 @@ def main() -> None:
 
     import timm
 
-    from vitsem.models import ModelSpec, save_checkpoint
-    from vitsem.pipeline import AnalysisConfig, analyze_images
-    from vitsem.shortcut_data import ShortcutDataset, ShortcutSpec, make_shortcut_dataset
+    from vitsem.data.shortcut import ShortcutDataset, ShortcutSpec, make_shortcut_dataset
+    from vitsem.method.models import ModelSpec, save_checkpoint
+    from vitsem.method.pipeline import AnalysisConfig, analyze_images
 
     tmp = Path(tempfile.mkdtemp(prefix="vitsem-bench-"))
     os.environ["VITSEM_HOME"] = str(tmp / "home")
@@ -46,7 +46,7 @@ def main() -> None:
     from prefect import flow
 
     from flows.attention_analysis import AnalysisParams, attention_analysis
-    from vitsem.models import load_model
+    from vitsem.method.models import load_model
 
     @flow
     def warm_up() -> None:

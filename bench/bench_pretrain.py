@@ -25,11 +25,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
 from vitsem.pretrain.data import benchmark_pretrain_data
 from vitsem.pretrain.loop import PretrainConfig, pretrain
 from vitsem.pretrain.maskers import MaskSpec
 from vitsem.pretrain.probe import epochs_to_target
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
 
 MASKERS: dict[str, tuple[str, MaskSpec]] = {
     "random": ("random", MaskSpec()),
@@ -53,8 +53,8 @@ def mask_pictures(out: Path) -> None:
     """Masks of each masker on scikit-image's photographs (224 px, 16 px patches)."""
     from skimage import data as skdata
 
-    from vitsem.concentration import TokenGrid, concentration, patch_weights
-    from vitsem.keypoints import detect_sift
+    from vitsem.method.concentration import TokenGrid, concentration, patch_weights
+    from vitsem.method.keypoints import detect_sift
     from vitsem.pretrain.maskers import make_mask
 
     photos = {"astronaut": skdata.astronaut(), "coffee": skdata.coffee(),

@@ -23,11 +23,11 @@ from flows.common import (
     summary_markdown,
     totals,
 )
-from vitsem import jobs, tracking
-from vitsem.jobs import ShardReport
-from vitsem.pipeline import AnalysisConfig, AnalysisResult
-from vitsem.report import stats_document, write_pictures, write_rejected
-from vitsem.settings import Settings
+from vitsem.method.pipeline import AnalysisConfig, AnalysisResult
+from vitsem.platform import jobs, tracking
+from vitsem.platform.jobs import ShardReport
+from vitsem.platform.settings import Settings
+from vitsem.render.files import stats_document, write_pictures, write_rejected
 
 
 class AnalysisParams(DataParams):

@@ -13,13 +13,13 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 
-from vitsem import jobs
+from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
 from vitsem.errors import VitsemError
-from vitsem.images import list_images
-from vitsem.jobs import ShardReport, context
-from vitsem.settings import Settings
-from vitsem.shortcut_data import DATASET_INFO, ShortcutDataset
-from vitsem.storage.db import FlowRun
+from vitsem.method.images import list_images
+from vitsem.platform import jobs
+from vitsem.platform.jobs import ShardReport, context
+from vitsem.platform.settings import Settings
+from vitsem.platform.storage.db import FlowRun
 
 
 class DataParams(BaseModel):

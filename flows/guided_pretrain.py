@@ -10,10 +10,10 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from flows.common import RETRYING_TASK, finish_run, make_task_runner, start_run
-from vitsem import jobs, tracking
+from vitsem.platform import jobs, tracking
+from vitsem.platform.settings import Settings
 from vitsem.pretrain.loop import PretrainConfig
 from vitsem.pretrain.maskers import MaskSpec
-from vitsem.settings import Settings
 
 
 class PretrainParams(BaseModel):

@@ -12,7 +12,7 @@ from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import make_task_runner
 from flows.sift_extraction import sift_extraction
 from flows.spurious_audit import AuditParams, spurious_audit
-from vitsem.audit.inputs import labelled_images
+from vitsem.data.inputs import labelled_images
 from vitsem.errors import AuditInputError
 
 

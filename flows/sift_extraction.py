@@ -18,9 +18,9 @@ from flows.common import (
     summary_markdown,
     totals,
 )
-from vitsem import jobs
-from vitsem.jobs import ShardReport
-from vitsem.settings import Settings
+from vitsem.platform import jobs
+from vitsem.platform.jobs import ShardReport
+from vitsem.platform.settings import Settings
 
 
 @task(**RETRYING_TASK)

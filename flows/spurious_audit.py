@@ -20,12 +20,12 @@ from flows.common import (
     summary_markdown,
     totals,
 )
-from vitsem import jobs, tracking
 from vitsem.audit.benchmark import AUDIT_SIFT
-from vitsem.audit.inputs import LabelledImage, labelled_images
 from vitsem.audit.pipeline import AuditConfig
-from vitsem.jobs import AuditReport, ShardReport
-from vitsem.settings import Settings
+from vitsem.data.inputs import LabelledImage, labelled_images
+from vitsem.platform import jobs, tracking
+from vitsem.platform.jobs import AuditReport, ShardReport
+from vitsem.platform.settings import Settings
 
 
 class AuditParams(DataParams):

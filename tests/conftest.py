@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.services import MotoServer, postgres_database
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-from vitsem.train import TrainConfig, train_classifier
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.data.train import TrainConfig, train_classifier
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitsem.analysis import InterrelationAnalyzer, SemanticBatch, interrelation_stats
-from vitsem.attention import AttentionBlock, TokenLayout, token_layout
-from vitsem.concentration import TokenGrid, concentration_levels, patch_weights
-from vitsem.stats import StatsAccumulator, StreamingMoments
+from vitsem.method.analysis import InterrelationAnalyzer, SemanticBatch, interrelation_stats
+from vitsem.method.attention import AttentionBlock, TokenLayout, token_layout
+from vitsem.method.concentration import TokenGrid, concentration_levels, patch_weights
+from vitsem.method.stats import StatsAccumulator, StreamingMoments
 
 GRID = TokenGrid((8, 8), (3, 4))
 N = GRID.num_patches

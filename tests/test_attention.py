@@ -7,14 +7,14 @@ import timm
 import torch
 from timm.utils import AttentionExtract
 
-from vitsem.attention import (
+from vitsem.errors import UnsupportedModelError
+from vitsem.method.attention import (
     attention_modules,
     capture_attention,
     extract_attention,
     num_layers_heads,
     token_layout,
 )
-from vitsem.errors import UnsupportedModelError
 
 FAMILIES = [
     # (timm name, kwargs, prefix tokens): plain ViT, distilled DeiT (CLS + dist), registers

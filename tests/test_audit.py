@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from vitsem.attention import token_layout
 from vitsem.audit.benchmark import AUDIT_SIFT, auroc, is_planted, load_benchmark
 from vitsem.audit.discovery import discover_candidates
-from vitsem.audit.inputs import labelled_images
 from vitsem.audit.pipeline import (
     AuditConfig,
     AuditData,
@@ -23,13 +21,15 @@ from vitsem.audit.pipeline import (
     group_accuracy,
     prompt_outcome,
 )
-from vitsem.audit.report import write_report
+from vitsem.data.inputs import labelled_images
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.data.train import TrainConfig, predict, train_classifier
 from vitsem.errors import AuditInputError
-from vitsem.keypoints import detect_sift
-from vitsem.models import load_model
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-from vitsem.train import TrainConfig, predict, train_classifier
-from vitsem.view import ModelView
+from vitsem.method.attention import token_layout
+from vitsem.method.keypoints import detect_sift
+from vitsem.method.models import load_model
+from vitsem.method.view import ModelView
+from vitsem.render.audit_report import write_report
 
 # ---------------------------------------------------------------------------------------------
 # Scores on hand-built cases
@@ -229,8 +229,8 @@ def test_spurious_audit_flow_on_postgres_and_s3(
     from mlflow import MlflowClient
 
     from flows.spurious_audit import AuditParams, spurious_audit
-    from vitsem import jobs
-    from vitsem.settings import Settings
+    from vitsem.platform import jobs
+    from vitsem.platform.settings import Settings
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
@@ -283,7 +283,7 @@ def test_audit_flow_errors_are_clear_and_recorded(
         shortcut_data: Path, shortcut_model: Path, small_checkpoint: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.spurious_audit import AuditParams, spurious_audit
-    from vitsem.settings import Settings
+    from vitsem.platform.settings import Settings
 
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
     for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):

@@ -11,7 +11,7 @@ import torch
 from vitsem.audit.maps import MAPS, attention_rollout, cls_attention_last
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_removed_reference, predict_without
-from vitsem.concentration import TokenGrid
+from vitsem.method.concentration import TokenGrid
 
 
 def _vit(**kw: object) -> torch.nn.Module:
@@ -66,7 +66,7 @@ def test_rollout_of_a_single_block_is_its_mixed_cls_row() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
                               num_classes=4).eval()
     x = torch.randn(1, 3, 32, 32)
-    from vitsem.attention import extract_attention
+    from vitsem.method.attention import extract_attention
 
     with torch.no_grad():
         _, maps = extract_attention(model, x)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitsem.data.shortcut import ShortcutDataset, ShortcutSpec, make_shortcut_dataset, render_sample
 from vitsem.errors import DatasetError
-from vitsem.models import load_model
-from vitsem.shortcut_data import ShortcutDataset, ShortcutSpec, make_shortcut_dataset, render_sample
+from vitsem.method.models import load_model
 
 
 def _digest(root: Path) -> str:

@@ -21,8 +21,8 @@ from flows.common import DataParams, make_task_runner
 from flows.sift_extraction import sift_extraction
 from tests.conftest import copy_test_images
 from tests.services import MotoServer, TcpProxy
-from vitsem.settings import Settings
-from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.platform.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

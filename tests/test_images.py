@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from vitsem import errors
-from vitsem.images import ImageLimits, open_image
-from vitsem.keypoints import Rejected, ViewedKeypoints, sift_files
-from vitsem.view import ModelView
+from vitsem.method.images import ImageLimits, open_image
+from vitsem.method.keypoints import Rejected, ViewedKeypoints, sift_files
+from vitsem.method.view import ModelView
 
 
 def _png(img: Image.Image) -> bytes:

@@ -10,16 +10,16 @@ import pytest
 import timm
 from PIL import Image
 
-from vitsem.attention import token_layout
-from vitsem.concentration import (
+from vitsem.method.attention import token_layout
+from vitsem.method.concentration import (
     TokenGrid,
     concentration,
     concentration_levels,
     dataset_level_thresholds,
     patch_weights,
 )
-from vitsem.keypoints import Keypoints, ViewedKeypoints, detect_sift, sift_files
-from vitsem.view import ModelView
+from vitsem.method.keypoints import Keypoints, ViewedKeypoints, detect_sift, sift_files
+from vitsem.method.view import ModelView
 
 
 def _blob_image(w: int, h: int, cx: float, cy: float, sigma: float) -> np.ndarray:
@@ -133,7 +133,7 @@ def test_batch_is_deterministic_across_worker_counts(tmp_path: Path) -> None:
 
 
 def test_descriptors_optional() -> None:
-    from vitsem.keypoints import SiftParams
+    from vitsem.method.keypoints import SiftParams
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     with_desc = detect_sift(img, SiftParams(descriptors=True))

@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from vitsem.errors import CheckpointError, UnknownModelError
-from vitsem.models import ModelSpec, create_model, load_model, read_state_dict, save_checkpoint
+from vitsem.method.models import (
+    ModelSpec,
+    create_model,
+    load_model,
+    read_state_dict,
+    save_checkpoint,
+)
 
 TINY = {"img_size": 32, "depth": 2}
 

@@ -112,7 +112,7 @@ def test_mask_ratio_outside_the_open_interval_is_refused(ratio: float) -> None:
 def _mae(depth: int = 2) -> MaskedAutoencoder:
     cfg = PretrainConfig(img_size=32, patch_size=8, depth=depth, decoder_dim=32,
                          decoder_depth=1)
-    from vitsem.models import create_model
+    from vitsem.method.models import create_model
 
     return MaskedAutoencoder(create_model(cfg.encoder_spec()), 32, 1).eval()
 
@@ -211,7 +211,7 @@ def test_keypoint_weights_must_match_the_encoders_grid() -> None:
 
 @pytest.fixture(scope="module")
 def pretrain_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+    from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
 
     return make_shortcut_dataset(tmp_path_factory.mktemp("pretrain") / "data",
                                  ShortcutSpec(n_train=96, n_test=48, seed=4), workers=1)
@@ -230,8 +230,8 @@ def test_guided_pretrain_killed_midway_resumes_and_matches_an_uninterrupted_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from vitsem import jobs
-    from vitsem.settings import Settings
+    from vitsem.platform import jobs
+    from vitsem.platform.settings import Settings
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.services import MotoServer, TcpProxy, postgres_database
-from vitsem.settings import Settings, redact
-from vitsem.storage.artifacts import (
+from vitsem.platform.settings import Settings, redact
+from vitsem.platform.storage.artifacts import (
     ArtifactConflictError,
     ArtifactStoreError,
     LocalArtifactStore,
@@ -20,7 +20,7 @@ from vitsem.storage.artifacts import (
     open_store,
     validate_key,
 )
-from vitsem.storage.db import Dataset, MetadataStore
+from vitsem.platform.storage.db import Dataset, MetadataStore
 
 
 def test_defaults_need_no_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

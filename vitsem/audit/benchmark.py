@@ -14,11 +14,11 @@ from scipy.stats import rankdata
 
 from vitsem.audit.pipeline import AuditData, Finding
 from vitsem.audit.scores import patch_coverage
-from vitsem.concentration import TokenGrid
-from vitsem.images import open_image
-from vitsem.keypoints import Keypoints, SiftParams, detect_sift, parallel_map
-from vitsem.shortcut_data import Sample, ShortcutDataset
-from vitsem.view import ModelView
+from vitsem.data.shortcut import Sample, ShortcutDataset
+from vitsem.method.concentration import TokenGrid
+from vitsem.method.images import open_image
+from vitsem.method.keypoints import Keypoints, SiftParams, detect_sift, parallel_map
+from vitsem.method.view import ModelView
 
 AUDIT_SIFT = SiftParams(descriptors=True)
 """SIFT with descriptors: recurring-pattern discovery compares descriptors."""

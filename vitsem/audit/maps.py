@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vitsem.attention import AttentionBlock, attention_modules, capture_attention
+from vitsem.method.attention import AttentionBlock, attention_modules, capture_attention
 
 
 def _normalise(m: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def random_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None 
 
 def token_count(model: nn.Module, x: torch.Tensor) -> int:
     """N, the number of patch tokens of ``model`` for images ``x``."""
-    from vitsem.attention import token_layout
+    from vitsem.method.attention import token_layout
 
     return token_layout(model, (int(x.shape[-2]), int(x.shape[-1]))).grid.num_patches
 

@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitsem.attention import token_layout
 from vitsem.audit.causal import CausalResult, causal_check, matched_random_drop
 from vitsem.audit.discovery import Candidate, discover_candidates
 from vitsem.audit.maps import MAPS
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_without
-from vitsem.concentration import TokenGrid, concentration, patch_weights
 from vitsem.errors import AuditInputError
-from vitsem.keypoints import Keypoints
-from vitsem.view import ModelView
+from vitsem.method.attention import token_layout
+from vitsem.method.concentration import TokenGrid, concentration, patch_weights
+from vitsem.method.keypoints import Keypoints
+from vitsem.method.view import ModelView
 
 METHOD = "semantic"
 """The method's own map; every other entry of ``MAPS`` is a baseline."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitsem.concentration import TokenGrid
+from vitsem.method.concentration import TokenGrid
 
 
 def patch_coverage(mask: np.ndarray, grid: TokenGrid) -> np.ndarray:

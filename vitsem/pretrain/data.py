@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitsem.attention import token_layout
-from vitsem.concentration import TokenGrid, concentration, patch_weights
+from vitsem.data.shortcut import ShortcutDataset
 from vitsem.errors import PretrainInputError
-from vitsem.keypoints import Keypoints, SiftParams, ViewedKeypoints, sift_files
-from vitsem.models import create_model
+from vitsem.method.attention import token_layout
+from vitsem.method.concentration import TokenGrid, concentration, patch_weights
+from vitsem.method.keypoints import Keypoints, SiftParams, ViewedKeypoints, sift_files
+from vitsem.method.models import create_model
+from vitsem.method.view import ModelView
 from vitsem.pretrain.loop import PretrainConfig, PretrainData
-from vitsem.shortcut_data import ShortcutDataset
-from vitsem.view import ModelView
 
 
 def encoder_view(cfg: PretrainConfig) -> tuple[ModelView, TokenGrid]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vitsem.errors import PretrainInputError
-from vitsem.models import ModelSpec, create_model
+from vitsem.method.models import ModelSpec, create_model
 from vitsem.pretrain.mae import MaskedAutoencoder
 from vitsem.pretrain.maskers import MASKERS, MaskSpec, loss_weights, make_mask
 from vitsem.pretrain.probe import check_probe_data, encode_all, knn_accuracy, linear_probe_accuracy

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitsem.pipeline import AnalysisResult
-from vitsem.settings import Settings, redact
+from vitsem.method.pipeline import AnalysisResult
+from vitsem.platform.settings import Settings, redact
 
 
 def _client(settings: Settings) -> Any:
@@ -73,7 +73,7 @@ def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
         metrics.append(Metric("rejected", float(len(result.rejected)), ts, 0))
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, _param(v)) for k, v in sorted(params.items())],
-                         tags=[RunTag("vitsem.settings", _param(settings.public_dict()))])
+                         tags=[RunTag("vitsem.platform.settings", _param(settings.public_dict()))])
         for f in files:
             client.log_artifact(run_id, str(f))
         client.set_terminated(run_id, "FINISHED")
@@ -115,7 +115,7 @@ def log_audit(settings: Settings, params: dict[str, Any], summary: dict[str, Any
                                   float(sum(f["shortcut"] for f in findings)), ts, 0))
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, _param(v)) for k, v in sorted(params.items())],
-                         tags=[RunTag("vitsem.settings", _param(settings.public_dict()))])
+                         tags=[RunTag("vitsem.platform.settings", _param(settings.public_dict()))])
         for f in files:
             client.log_artifact(run_id, str(f), artifact_path="report")
         client.set_terminated(run_id, "FINISHED")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
 from vitsem.errors import AuditInputError
-from vitsem.images import list_images
-from vitsem.shortcut_data import DATASET_INFO, ShortcutDataset
+from vitsem.method.images import list_images
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from vitsem.errors import VitsemError
-from vitsem.settings import redact
+from vitsem.platform.settings import redact
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from vitsem.storage.db import Base, make_engine
+from vitsem.platform.storage.db import Base, make_engine
 
 config = context.config
 url = str(config.attributes.get("url") or config.get_main_option("sqlalchemy.url"))

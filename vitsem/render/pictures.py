@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Rectangle
 
-from vitsem.concentration import TokenGrid
-from vitsem.pipeline import AnalysisResult, Example
+from vitsem.method.concentration import TokenGrid
+from vitsem.method.pipeline import AnalysisResult, Example
 
 LEVEL_COLOURS = ("none", "#ffd400", "#ff2d2d", "#9b30ff", "#00c8ff")
 

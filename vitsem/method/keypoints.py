@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 
 from vitsem.errors import ImageError
-from vitsem.images import ImageLimits, open_image
-from vitsem.view import ModelView
+from vitsem.method.images import ImageLimits, open_image
+from vitsem.method.view import ModelView
 
 T = TypeVar("T")
 

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitsem.analysis import PER_HEAD_STATS, InterrelationAnalyzer, SemanticBatch
-from vitsem.attention import TokenLayout, token_layout
-from vitsem.concentration import concentration, concentration_levels
-from vitsem.images import ImageLimits
-from vitsem.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, sift_files
-from vitsem.stats import StatsAccumulator, Summary
-from vitsem.view import ModelView
+from vitsem.method.analysis import PER_HEAD_STATS, InterrelationAnalyzer, SemanticBatch
+from vitsem.method.attention import TokenLayout, token_layout
+from vitsem.method.concentration import concentration, concentration_levels
+from vitsem.method.images import ImageLimits
+from vitsem.method.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, sift_files
+from vitsem.method.stats import StatsAccumulator, Summary
+from vitsem.method.view import ModelView
 
 LAYER_STATS = ("semantic_lift", "cls_focus", "semantic_mass")
 """Per-head statistics also averaged over heads per image, as ``<name>_layer`` (B, L)."""

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from vitsem.audit.pipeline import METHOD, AuditData, AuditResult, Finding
-from vitsem.concentration import TokenGrid
+from vitsem.method.concentration import TokenGrid
 
 
 def _outline(ax: Any, patches: np.ndarray, grid: TokenGrid, colour: str) -> None:

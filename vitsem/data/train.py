@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitsem.images import open_image
-from vitsem.models import ModelSpec, create_model, save_checkpoint
-from vitsem.shortcut_data import Sample, ShortcutDataset
-from vitsem.view import ModelView
+from vitsem.data.shortcut import Sample, ShortcutDataset
+from vitsem.method.images import open_image
+from vitsem.method.models import ModelSpec, create_model, save_checkpoint
+from vitsem.method.view import ModelView
 
 
 @dataclass(frozen=True)

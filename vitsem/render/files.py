@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitsem.keypoints import Rejected
-from vitsem.pipeline import STAT_DESCRIPTIONS, AnalysisResult
+from vitsem.method.keypoints import Rejected
+from vitsem.method.pipeline import STAT_DESCRIPTIONS, AnalysisResult
 
 
 def _clean(x: Any) -> Any:
@@ -78,7 +78,7 @@ def write_rejected(path: Path, rejected: list[Rejected]) -> None:
 
 def write_pictures(result: AnalysisResult, out: Path, class_names: list[str] | None
                    ) -> list[Path]:
-    from vitsem import pictures  # matplotlib is slow to import; only when drawing
+    from vitsem.render import pictures  # matplotlib is slow to import; only when drawing
 
     written = []
     figs = [("layer_profile.png", pictures.layer_profile_figure(result)),

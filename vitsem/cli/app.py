@@ -68,7 +68,7 @@ def data_make(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Generate the shortcut benchmark (images, masks, manifest.jsonl, dataset.json)."""
-    from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
+    from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
 
     spec = ShortcutSpec(num_classes=classes, image_size=image_size, n_train=n_train,
                         n_test=n_test, rho=rho, glyph=glyph, position=position,  # type: ignore[arg-type]
@@ -84,8 +84,8 @@ def data_make(
 def ensure_default_model(home: Path | None = None) -> tuple[Path, Path]:
     """The embedded default: the shipped benchmark and a tiny ViT trained on it, both cached
     under ``$VITSEM_HOME`` by the hash of their settings, so each is made only once."""
-    from vitsem.shortcut_data import ShortcutSpec, make_shortcut_dataset
-    from vitsem.train import TrainConfig
+    from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+    from vitsem.data.train import TrainConfig
 
     home = home or _home()
     spec, cfg = ShortcutSpec(), TrainConfig()
@@ -102,7 +102,7 @@ def ensure_default_model(home: Path | None = None) -> tuple[Path, Path]:
 
 
 def _train_with_progress(data: Path, out: Path, cfg: Any) -> Any:
-    from vitsem.train import train_classifier
+    from vitsem.data.train import train_classifier
 
     with _progress() as bar:
         task = bar.add_task("training", total=cfg.epochs)
@@ -133,7 +133,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train the tiny ViT (vit_tiny family, 64 px, 8 px patches) on the CPU."""
-    from vitsem.train import TrainConfig
+    from vitsem.data.train import TrainConfig
 
     try:
         _train_with_progress(data, out, TrainConfig(epochs=epochs, depth=depth, seed=seed))
@@ -143,7 +143,7 @@ def train(
 
 
 def _load(model: str | None, checkpoint: Path | None, pretrained: bool) -> Any:
-    from vitsem.models import load_model
+    from vitsem.method.models import load_model
 
     if model is None and checkpoint is None:
         _, checkpoint = ensure_default_model()
@@ -152,8 +152,8 @@ def _load(model: str | None, checkpoint: Path | None, pretrained: bool) -> Any:
 
 def _inputs(inputs: list[Path] | None, split: str) -> tuple[list[Path], list[str] | None]:
     """Files to analyse: folders expand to their images (a benchmark folder to its ``split``)."""
-    from vitsem.images import list_images
-    from vitsem.shortcut_data import DATASET_INFO, ShortcutDataset
+    from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
+    from vitsem.method.images import list_images
 
     if not inputs:
         data_dir, _ = ensure_default_model()
@@ -202,11 +202,11 @@ def sift(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitsem.attention import token_layout
-    from vitsem.concentration import concentration
-    from vitsem.keypoints import Rejected, sift_files
-    from vitsem.report import write_rejected
-    from vitsem.view import ModelView
+    from vitsem.method.attention import token_layout
+    from vitsem.method.concentration import concentration
+    from vitsem.method.keypoints import Rejected, sift_files
+    from vitsem.method.view import ModelView
+    from vitsem.render.files import write_rejected
 
     try:
         net, _spec = _load(model, checkpoint, pretrained)
@@ -289,8 +289,8 @@ def analyze(
     With no arguments: the shipped benchmark and a tiny ViT trained on it (made once, cached
     under $VITSEM_HOME, default ./vitsem-work). Writes stats.json, per_image.parquet,
     rejected.jsonl and PNG pictures to --out, and prints the semantic layer profile."""
-    from vitsem.pipeline import AnalysisConfig, analyze_images
-    from vitsem.report import PerImageWriter, stats_document, write_pictures, write_rejected
+    from vitsem.method.pipeline import AnalysisConfig, analyze_images
+    from vitsem.render.files import PerImageWriter, stats_document, write_pictures, write_rejected
 
     try:
         net, spec = _load(model, checkpoint, pretrained)
@@ -372,8 +372,8 @@ def audit(
     except VitsemError as e:
         raise _fail(e) from e
     print_audit(result)
-    from vitsem import jobs
-    from vitsem.settings import Settings
+    from vitsem.platform import jobs
+    from vitsem.platform.settings import Settings
 
     store = jobs.context(Settings()).store
     prefix = f"reports/spurious_audit/{result['audit_digest']}"
@@ -429,8 +429,8 @@ def pretrain(
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
                ) -> None:
     """Apply the schema migrations to VITSEM_DATABASE_URL (default: SQLite under home)."""
-    from vitsem.settings import Settings
-    from vitsem.storage.db import upgrade
+    from vitsem.platform.settings import Settings
+    from vitsem.platform.storage.db import upgrade
 
     settings = Settings()
     try:
@@ -443,7 +443,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @app.command("settings")
 def show_settings() -> None:
     """Show the resolved settings (secrets redacted)."""
-    from vitsem.settings import Settings
+    from vitsem.platform.settings import Settings
 
     for key, value in Settings().public_dict().items():
         console.print(f"{key:22s} {value}")
@@ -505,8 +505,8 @@ def demo() -> None:
 
     from flows.attention_analysis import AnalysisParams
     from flows.model_audit import model_audit
-    from vitsem.settings import Settings
-    from vitsem.tracking import register_checkpoint
+    from vitsem.platform.settings import Settings
+    from vitsem.platform.tracking import register_checkpoint
 
     t0 = time.perf_counter()
     settings = Settings()

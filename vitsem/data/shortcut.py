@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from vitsem.errors import DatasetError
-from vitsem.keypoints import default_workers, parallel_map
+from vitsem.method.keypoints import default_workers, parallel_map
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "star")
 SPLITS = ("train", "test")

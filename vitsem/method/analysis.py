@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitsem.attention import AttentionBlock, TokenLayout, capture_attention, num_layers_heads
-from vitsem.concentration import concentration_levels, patch_weights
+from vitsem.method.attention import AttentionBlock, TokenLayout, capture_attention, num_layers_heads
+from vitsem.method.concentration import concentration_levels, patch_weights
 
 PER_HEAD_STATS: dict[str, str] = {
     "semantic_mass": "mean over queries of the A_pp mass on keypoint patches; shape ()",

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vitsem.concentration import TokenGrid
 from vitsem.errors import UnsupportedModelError
+from vitsem.method.concentration import TokenGrid
 
 
 @dataclass(frozen=True)

@@ -23,22 +23,20 @@ from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from vitsem.audit.benchmark import AUDIT_SIFT, view_mask
-from vitsem.audit.inputs import LabelledImage
 from vitsem.audit.pipeline import AuditConfig, AuditData, audit
-from vitsem.audit.report import write_report
-from vitsem.concentration import TokenGrid
+from vitsem.data.inputs import LabelledImage
+from vitsem.data.shortcut import ShortcutDataset
 from vitsem.errors import AuditInputError, ImageError, PretrainInputError
-from vitsem.images import ImageLimits, open_image
-from vitsem.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, detect_sift
-from vitsem.models import ModelSpec, load_model, save_checkpoint
-from vitsem.pipeline import AnalysisConfig, AnalysisResult, analyze_batch, new_analysis
-from vitsem.pretrain.data import encoder_view, semantic_weights
-from vitsem.pretrain.loop import PretrainConfig, PretrainData, PretrainState, pretrain, save_state
-from vitsem.settings import Settings
-from vitsem.shortcut_data import ShortcutDataset
-from vitsem.stats import StatsAccumulator
-from vitsem.storage.artifacts import ArtifactStore, content_key, open_store, sha256_bytes
-from vitsem.storage.db import (
+from vitsem.method.concentration import TokenGrid
+from vitsem.method.images import ImageLimits, open_image
+from vitsem.method.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, detect_sift
+from vitsem.method.models import ModelSpec, load_model, save_checkpoint
+from vitsem.method.pipeline import AnalysisConfig, AnalysisResult, analyze_batch, new_analysis
+from vitsem.method.stats import StatsAccumulator
+from vitsem.method.view import ModelView
+from vitsem.platform.settings import Settings
+from vitsem.platform.storage.artifacts import ArtifactStore, content_key, open_store, sha256_bytes
+from vitsem.platform.storage.db import (
     AnalysisShard,
     AuditFinding,
     Image,
@@ -46,7 +44,9 @@ from vitsem.storage.db import (
     MetadataStore,
     ModelRecord,
 )
-from vitsem.view import ModelView
+from vitsem.pretrain.data import encoder_view, semantic_weights
+from vitsem.pretrain.loop import PretrainConfig, PretrainData, PretrainState, pretrain, save_state
+from vitsem.render.audit_report import write_report
 
 
 @dataclass

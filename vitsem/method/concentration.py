@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from vitsem.keypoints import Keypoints
+from vitsem.method.keypoints import Keypoints
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ class StreamingMoments:
 
 class StatsAccumulator:
     """A :class:`StreamingMoments` per named statistic, e.g. the per-head statistics of
-    :mod:`vitsem.analysis` with element shape (L, H, ...)."""
+    :mod:`vitsem.method.analysis` with element shape (L, H, ...)."""
 
     def __init__(self) -> None:
         self.moments: dict[str, StreamingMoments] = {}
