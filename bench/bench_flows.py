@@ -1,19 +1,30 @@
-"""Orchestration overhead (issue 3): the SIFT + analysis flow against the bare library call
-on the same images, model, batch size and machine, measured side by side in one run.
+"""Orchestration timings, each against its baseline measured side by side in one run.
 
-    .venv/bin/python bench/bench_flows.py [--images 1000] [--model vit_small_patch16_224]
+    .venv/bin/python bench/bench_flows.py overhead [--images 1000] [--model vit_small_patch16_224]
+    .venv/bin/python bench/bench_flows.py model-audit [--before 1c10dfa] [--repeats 2]
 
-The flow run (``attention_analysis``, thread runner: SIFT for every image, then the analysis,
-shard by shard) starts from an empty artifact store and database, so it computes everything;
-on top of the library's work it hashes and stores keypoints and statistics, indexes images
-and keypoint sets in SQL, writes the report and logs to MLflow. Prefect's API is started
-before timing (a warm service, as in production).
+``overhead`` (issue 3): the SIFT + analysis flow against the bare library call on the same
+images, model, batch size and machine. The flow run (``attention_analysis``, thread runner)
+starts from an empty store and database, so it computes everything; on top of the library's
+work it hashes and stores keypoints and statistics, indexes images and keypoint sets in SQL,
+writes the report and logs to MLflow. Prefect's API is started before timing.
+
+``model-audit`` (issue 9): the whole ``model_audit`` flow (SIFT extraction, attention analysis,
+spurious audit) on the demo's 600 test images and tiny ViT, run by the code of commit
+``--before`` and by this checkout, alternately, each in a fresh process and a fresh home
+(empty stores, so everything is computed), timed around the flow call after a warm-up flow
+has started Prefect's API. Prints each run, the ratio after / before of the medians, and the
+keypoint sets and images indexed in SQL by each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +32,42 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--model", default="vit_small_patch16_224")
-    args = ap.parse_args()
+MODEL_AUDIT_CHILD = """
+import json, sqlite3, sys, time
+from prefect import flow
+import flows.model_audit as m
 
+@flow
+def warm_up() -> None:
+    return None
+
+warm_up()
+params = getattr(m, "ModelAuditParams", None)
+if params is None:  # before the architecture issue the flow took the analysis parameters
+    from flows.attention_analysis import AnalysisParams as params
+t = time.perf_counter()
+out = m.model_audit(params(data=sys.argv[1], checkpoint=sys.argv[2]))
+seconds = time.perf_counter() - t
+db = sqlite3.connect(sys.argv[3])
+count = lambda q: db.execute(q).fetchone()[0]
+print("RESULT " + json.dumps({
+    "seconds": seconds,
+    "images": count("SELECT count(DISTINCT sha256) FROM images WHERE status = 'ok'"),
+    "keypoint_sets": count("SELECT count(*) FROM keypoint_sets"),
+    "running": count("SELECT count(*) FROM flow_runs WHERE status = 'running'"),
+    "shortcuts": (out.get("spurious_audit") or {}).get("shortcuts"),
+    "analysed": out["attention_analysis"]["images"]}))
+"""
+
+
+def _overhead(args: argparse.Namespace) -> None:
     import timm
 
+    from flows.attention_analysis import AnalysisParams, attention_analysis
     from vitsem.data.shortcut import ShortcutDataset, ShortcutSpec, make_shortcut_dataset
-    from vitsem.method.models import ModelSpec, save_checkpoint
+    from vitsem.method.models import ModelSpec, load_model, save_checkpoint
     from vitsem.method.pipeline import AnalysisConfig, analyze_images
 
     tmp = Path(tempfile.mkdtemp(prefix="vitsem-bench-"))
@@ -44,9 +80,6 @@ def main() -> None:
     paths = list(ShortcutDataset.load(data).paths("test"))
 
     from prefect import flow
-
-    from flows.attention_analysis import AnalysisParams, attention_analysis
-    from vitsem.method.models import load_model
 
     @flow
     def warm_up() -> None:
@@ -70,6 +103,66 @@ def main() -> None:
     print(f"bare library call           : {bare:8.1f} s  ({args.images / bare:.1f} img/s)")
     print(f"attention_analysis flow     : {flowed:8.1f} s  ({args.images / flowed:.1f} img/s)")
     print(f"overhead ratio flow / bare  : {flowed / bare:8.3f}   target <= 1.15")
+
+
+def _checkout(commit: str, dest: Path) -> Path:
+    """The tree of ``commit`` exported into ``dest`` (no git state is changed)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _model_audit_once(code: Path, data: Path, ckpt: Path, home: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(code), "VITSEM_HOME": str(home)}
+    for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI",
+                "PREFECT_API_URL"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", MODEL_AUDIT_CHILD, str(data), str(ckpt),
+                           str(home / "vitsem.db")], env=env, cwd=code, capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"model_audit in {code} failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1].removeprefix("RESULT ")))
+
+
+def _model_audit(args: argparse.Namespace) -> None:
+    from vitsem.data.defaults import ensure_default_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="vitsem-bench-audit-"))
+    cache = Path(args.cache) if args.cache else tmp / "default"
+    data, ckpt = ensure_default_model(cache)  # the demo's benchmark and tiny ViT
+    trees = {"before": _checkout(args.before, tmp / "before"), "after": ROOT}
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for i in range(args.repeats):
+        for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
+            r = _model_audit_once(trees[name], data.resolve(), ckpt.resolve(),
+                                  tmp / f"home-{name}-{i}")
+            runs[name].append(r)
+            print(f"run {i + 1} {name:6s}: {r['seconds']:7.1f} s  images {r['images']:.0f}, "
+                  f"keypoint sets {r['keypoint_sets']:.0f}, flow_runs left running "
+                  f"{r['running']:.0f}, confirmed shortcuts {r['shortcuts']}", flush=True)
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    print(f"model_audit on {runs['after'][0]['analysed']:.0f} images, {os.cpu_count()} cores, "
+          f"{args.repeats} runs each (median): before ({args.before}) {med['before']:.1f} s, "
+          f"after {med['after']:.1f} s")
+    print(f"ratio after / before: {med['after'] / med['before']:.3f}   (issue 9 expects <= 0.8)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="bench", required=True)
+    over = sub.add_parser("overhead", help="attention_analysis flow vs the bare library call")
+    over.add_argument("--images", type=int, default=1000)
+    over.add_argument("--model", default="vit_small_patch16_224")
+    audit = sub.add_parser("model-audit", help="model_audit: a past commit vs this checkout")
+    audit.add_argument("--before", default="1c10dfa", help="commit to compare against")
+    audit.add_argument("--repeats", type=int, default=2)
+    audit.add_argument("--cache", help="home with the default benchmark and model (made once)")
+    args = ap.parse_args()
+    {"overhead": _overhead, "model-audit": _model_audit}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,38 @@
-"""Shared flow plumbing: parameter models, task runners, inputs, summaries."""
+"""Shared flow plumbing: parameter models, the task runner, retries, run records, inputs."""
 
 from __future__ import annotations
 
-import datetime as dt
-from pathlib import Path
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, Field
-from sqlalchemy import update
+from pydantic import BaseModel, ConfigDict, Field
 
-from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
+from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import VitsemError
-from vitsem.method.images import list_images
-from vitsem.platform import jobs
-from vitsem.platform.jobs import ShardReport, context
+from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
+from vitsem.platform.services.context import (
+    ShardReport,
+    context,
+    load_model_cached,
+    register_model,
+)
 from vitsem.platform.settings import Settings
-from vitsem.platform.storage.db import FlowRun
 
 
-class DataParams(BaseModel):
+class FlowParams(BaseModel):
+    """Base of every flow's parameters: unknown keys are refused (a typo in a deployment's
+    parameters fails the run instead of being dropped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(FlowParams):
     """What to analyse and with which model."""
 
     data: str = Field(description="Image folder, or a benchmark folder from `vitsem data make`.")
@@ -43,19 +53,6 @@ def make_task_runner(settings: Settings | None = None) -> Any:
         return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
                                               "threads_per_worker": 1, "processes": True})
     return ThreadPoolTaskRunner(max_workers=settings.max_workers)
-
-
-def input_files(params: DataParams) -> tuple[list[str], str]:
-    """Sorted absolute paths to process and a data-set name."""
-    root = Path(params.data).resolve()
-    if (root / DATASET_INFO).is_file():
-        ds = ShortcutDataset.load(root)
-        return [str(p.resolve()) for p in ds.paths(params.split)], f"{root.name}:{params.split}"
-    if root.is_dir():
-        return [str(p) for p in list_images(root)], root.name
-    if root.is_file():
-        return [str(root)], root.name
-    raise FileNotFoundError(f"{params.data}: no such file or folder")
 
 
 def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
@@ -80,42 +77,47 @@ RETRYING_TASK: dict[str, Any] = {
 """Options of every I/O task: exponential backoff on transient faults only."""
 
 
-@task(**RETRYING_TASK)
-def register_inputs(settings: Settings, params: DataParams) -> tuple[int, list[str]]:
-    """The data set's id in SQL (created on first use) and its files; registers the model."""
-    files, name = input_files(params)
-    ctx = jobs.context(settings)
-    jobs.register_model(ctx, params.model, params.checkpoint)
-    return ctx.meta.dataset(f"{params.data}#{params.split}", name), files
+def _close_crashed(_flow: Any, flow_run: Any, _state: Any) -> None:
+    mark_prefect_run(Settings(), str(flow_run.id), "crashed")
 
 
-def shards(files: list[str], size: int) -> list[list[str]]:
-    return [files[i:i + size] for i in range(0, len(files), size)]
+def _close_cancelled(_flow: Any, flow_run: Any, _state: Any) -> None:
+    mark_prefect_run(Settings(), str(flow_run.id), "cancelled")
 
 
-def start_run(settings: Settings, flow_name: str, params: dict[str, Any]) -> int:
+RUN_HOOKS: dict[str, Any] = {"on_crashed": [_close_crashed],
+                             "on_cancellation": [_close_cancelled]}
+"""Flow options that close the project's run record when Prefect sees a crash or a cancel."""
+
+
+def tracked(settings: Settings, flow_name: str, params: BaseModel
+            ) -> AbstractContextManager[TrackedRun]:
+    """The project's ``flow_runs`` record of the current Prefect flow run."""
     from prefect.runtime import flow_run
 
+    return tracked_run(settings, flow_name, params.model_dump(),
+                       str(flow_run.id) if flow_run.id else None)
+
+
+@task(**RETRYING_TASK)
+def register_inputs(settings: Settings, params: DataParams) -> tuple[int, InputSet]:
+    """The data set's id in SQL (created on first use) and its images; registers the model."""
+    inputs = resolve_inputs(params.data, params.split)
     ctx = context(settings)
-    with ctx.meta.session() as s:
-        row = FlowRun(flow_name=flow_name, prefect_flow_run_id=str(flow_run.id or ""),
-                      parameters=params)
-        s.add(row)
-        s.flush()
-        return row.id
+    loaded = load_model_cached(params.model, params.checkpoint)
+    register_model(ctx, loaded)
+    dataset_id = ctx.meta.dataset(inputs.uri, inputs.name)
+    get_run_logger().info("%s: %d images, model %s (%s)", inputs.name, len(inputs.items),
+                          loaded.spec.name, loaded.checksum[:12])
+    return dataset_id, inputs
 
 
-def finish_run(settings: Settings, run_id: int, summary: dict[str, Any],
-               mlflow_run_id: str | None = None, status: str = "completed") -> None:
-    ctx = context(settings)
-    with ctx.meta.session() as s:
-        s.execute(update(FlowRun).where(FlowRun.id == run_id).values(
-            summary=summary, mlflow_run_id=mlflow_run_id, status=status,
-            finished_at=dt.datetime.now(dt.UTC)))
+def shards(files: Sequence[str], size: int) -> list[list[str]]:
+    return [list(files[i:i + size]) for i in range(0, len(files), size)]
 
 
-def totals(reports: list[ShardReport]) -> dict[str, Any]:
-    rejected = [r for rep in reports for r in rep.rejected]
+def totals(reports: Sequence[ShardReport]) -> dict[str, Any]:
+    rejected = rejected_files(reports)
     return {
         "shards": len(reports),
         "computed": sum(r.computed for r in reports),
@@ -125,12 +127,10 @@ def totals(reports: list[ShardReport]) -> dict[str, Any]:
     }
 
 
-def summary_markdown(title: str, counts: dict[str, Any], rejected: list[dict[str, str]],
-                     extra: str = "") -> str:
-    lines = [f"# {title}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in counts.items()]
-    if rejected:
-        lines += ["", "## Rejected images", "", "| file | reason | detail |", "|---|---|---|"]
-        lines += [f"| {Path(r['path']).name} | {r['reason']} | {r['detail'][:120]} |"
-                  for r in rejected[:50]]
-    return "\n".join(lines) + ("\n\n" + extra if extra else "")
+def rejected_files(reports: Sequence[ShardReport]) -> list[dict[str, str]]:
+    return [r for rep in reports for r in rep.rejected]
+
+
+def publish(key: str, markdown: str, description: str | None = None) -> None:
+    """A markdown artifact on the current flow run."""
+    create_markdown_artifact(key=key, markdown=markdown, description=description)

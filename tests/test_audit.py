@@ -229,7 +229,7 @@ def test_spurious_audit_flow_on_postgres_and_s3(
     from mlflow import MlflowClient
 
     from flows.spurious_audit import AuditParams, spurious_audit
-    from vitsem.platform import jobs
+    from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -259,7 +259,7 @@ def test_spurious_audit_flow_on_postgres_and_s3(
         "semantic")][:4])
     assert found[0][4].startswith(f"s3://{s3_bucket}/audit/reports/spurious_audit/")
     # The report in the S3 store, metrics and the report in MLflow.
-    store = jobs.context(Settings()).store
+    store = context(Settings()).store
     prefix = f"reports/spurious_audit/{first['audit_digest']}"
     for name in ("report.html", "audit.json", "prompting.png", "finding_semantic_1.png"):
         assert store.exists(f"{prefix}/{name}"), name

@@ -72,3 +72,22 @@ def test_clear_errors(tmp_path: Path, small_checkpoint: Path) -> None:
     assert result.exit_code == 2 and "no such file" in result.output
     result = runner.invoke(app, ["analyze", str(tmp_path), "--model", "vit_tinny"])
     assert result.exit_code == 2 and "unknown model" in result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["audit", "{data}", "--checkpoint", "{ckpt}", "--top-fraction", "2"], "top_fraction"),
+    (["analyze", "{data}", "--checkpoint", "{ckpt}", "--levels", "1"], "levels must be in"),
+    (["analyze", "{data}", "--checkpoint", "{ckpt}", "--batch-size", "0"], "batch_size"),
+    (["analyze", "{data}", "--checkpoint", "{ckpt}", "--weighting", "votes"], "votes"),
+    (["pretrain", "{data}", "--mask-ratio", "1.5"], "mask_ratio"),
+    (["pretrain", "{data}", "--masker", "everything"], "masker"),
+])
+def test_bad_option_values_are_one_line_and_exit_2(args: list[str], says: str,
+                                                     small_dataset: Path,
+                                                     small_checkpoint: Path) -> None:
+    argv = [a.format(data=small_dataset, ckpt=small_checkpoint) for a in args]
+    result = runner.invoke(app, argv, env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import DataParams, make_task_runner
@@ -22,6 +23,7 @@ from flows.sift_extraction import sift_extraction
 from tests.conftest import copy_test_images
 from tests.services import MotoServer, TcpProxy
 from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+from vitsem.errors import DatasetError
 from vitsem.platform.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -76,6 +78,28 @@ def test_sift_flow_is_idempotent_and_records_bad_images(folder: Path, home: Path
             "SELECT path, rejection_reason FROM images WHERE status = 'rejected'")).all())
     assert {Path(p).name: r for p, r in rows.items()} == {"zero.png": "empty_file",
                                                           "notes.jpg": "not_an_image"}
+
+
+def test_library_logs_reach_the_flow_runs_logs(folder: Path, home: Path,
+                                               small_checkpoint: Path) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    state = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
+                                       shard_size=8), return_state=True)
+    assert state.is_completed()
+    APILogWorker.drain_all()  # logs travel to the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    text = "\n".join(log.message for log in logs)
+    # What a person watching the run in the UI needs: inputs, progress, each rejection.
+    assert "imgs: 14 images" in text
+    assert "shard 0: 8 computed, 0 from the store, 0 rejected" in text
+    assert "shard 1: 4 computed, 0 from the store, 2 rejected" in text
+    assert "rejected zero.png: empty_file" in text
+    assert "rejected notes.jpg: not_an_image" in text
 
 
 def test_analysis_on_postgres_and_s3_dask_equals_threads(
@@ -138,9 +162,13 @@ def test_sigkill_midway_then_rerun_accounts_for_every_image_once(
 
 
 def test_bad_parameters_are_rejected(home: Path) -> None:
-    with pytest.raises(Exception, match="shard_size"):
+    with pytest.raises(ValidationError, match="shard_size"):
         DataParams(data="x", shard_size=0)
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        DataParams(data="x", chekpoint="typo.safetensors")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="weighting"):
+        AnalysisParams(data="x", weighting="votes")  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match="no such file"):
         sift_extraction(DataParams(data=str(home / "missing")))
 
 
@@ -162,10 +190,12 @@ def test_s3_outage_during_a_flow_is_retried_and_the_flow_completes(
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/outage")
     proxy.down()  # the endpoint is down when the flow starts ...
+    t0 = time.monotonic()
     threading.Timer(4.0, proxy.up).start()  # ... and comes back 4 s later
     out = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
                                      shard_size=4))
     assert out["computed"] == 12 and out["rejected"] == 2
+    assert time.monotonic() - t0 >= 4.0  # the flow really waited out the outage
 
 
 def test_permanent_store_fault_fails_clearly_and_loses_nothing(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
+import typing
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,18 +36,36 @@ def test_compose_stack_is_consistent() -> None:
     assert "CREATE DATABASE mlflow" in init and "CREATE DATABASE prefect" in init
 
 
-def test_prefect_yaml_entrypoints_exist() -> None:
-    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+def _check_deployments(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    """Every deployment's entrypoint imports, and its parameters validate against the flow's
+    parameter models (nested keys included: a typo must fail, not be dropped)."""
     names = set()
     for dep in doc["deployments"]:
         path, func = dep["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, func)
         names.add((flow.name, dep["name"]))
-        assert set(dep["parameters"]) <= set(flow.parameters.properties)
+        hints = typing.get_type_hints(flow.fn)
+        assert set(dep["parameters"]) <= set(hints) - {"return"}, dep["name"]
+        for name, value in dep["parameters"].items():
+            model = hints[name]
+            assert isinstance(model, type) and issubclass(model, BaseModel), name
+            model.model_validate(value)
+    return names
+
+
+def test_prefect_yaml_deployments_match_their_flows() -> None:
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = _check_deployments(doc)
     assert ("model_audit", "scheduled-audit") in names
     audit = next(d for d in doc["deployments"] if d["name"] == "scheduled-audit")
     assert audit["schedules"][0]["cron"] == "0 3 * * *"
+    # The check fails on a misspelt nested key and on a bad choice.
+    for key, value in (("chekpoint", "/x.safetensors"), ("weighting", "votes")):
+        bad = copy.deepcopy(doc)
+        bad["deployments"][0]["parameters"]["params"][key] = value
+        with pytest.raises(ValidationError):
+            _check_deployments(bad)
 
 
 def test_dockerfile_pins_torch_and_runs_unprivileged() -> None:

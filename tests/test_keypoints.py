@@ -15,7 +15,6 @@ from vitsem.method.concentration import (
     TokenGrid,
     concentration,
     concentration_levels,
-    dataset_level_thresholds,
     patch_weights,
 )
 from vitsem.method.keypoints import Keypoints, ViewedKeypoints, detect_sift, sift_files
@@ -64,8 +63,9 @@ def test_weightings_and_levels() -> None:
     assert levels[0] == 2 and levels[2] == 1 and levels[10] == 1 and (levels[c == 0] == 0).all()
     with pytest.raises(ValueError, match="unknown weighting"):
         concentration(kps, grid, "votes")
-    thr = dataset_level_thresholds(np.array([0, 1, 1, 2, 5.0]))
-    assert concentration_levels(c, 3, thr)[0] == 2
+    # Fixed thresholds (e.g. data-set quantiles) instead of the image's own median.
+    assert concentration_levels(c, 3, np.array([1.5]))[0] == 2
+    assert concentration_levels(c, 3, np.array([2.0]))[0] == 1
 
 
 def test_no_keypoints_gives_zero_weights() -> None:
@@ -140,4 +140,7 @@ def test_descriptors_optional() -> None:
     assert with_desc.descriptors is not None
     assert with_desc.descriptors.shape == (len(with_desc), 128)
     assert detect_sift(img).descriptors is None
-    assert SiftParams().digest() != SiftParams(sigma=1.2).digest()
+    # One stored set (with descriptors) serves every use: the same keypoints either way.
+    plain = detect_sift(img)
+    np.testing.assert_array_equal(plain.xy, with_desc.xy)
+    np.testing.assert_array_equal(plain.response, with_desc.response)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import torch
 
 from vitsem.errors import PretrainInputError, ProbeDataError
@@ -230,7 +231,7 @@ def test_guided_pretrain_killed_midway_resumes_and_matches_an_uninterrupted_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from vitsem.platform import jobs
+    from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -249,7 +250,7 @@ def test_guided_pretrain_killed_midway_resumes_and_matches_an_uninterrupted_run(
                                 stdout=(tmp_path / "child.log").open("ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    store = jobs.context(Settings()).store
+    store = context(Settings()).store
     proc = run_child()
     deadline = time.monotonic() + 300
     latest = None
@@ -306,14 +307,30 @@ def _keys(store: object, prefix: str) -> list[str]:
 @pytest.mark.usefixtures("prefect_api")
 def test_flow_refuses_bad_settings_before_any_work(pretrain_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
     from flows.guided_pretrain import PretrainParams, guided_pretrain
 
-    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    monkeypatch.setenv("VITSEM_HOME", str(home))
     for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(PretrainInputError, match=r"mask ratio must be in \(0, 1\), got 1.0"):
-        guided_pretrain(PretrainParams(data=str(pretrain_data), mask_ratio=1.0))
-    assert not (tmp_path / "home" / "artifacts" / "pretrain").exists()
+    with pytest.raises(ValidationError, match=r"mask.ratio"):  # the parameter form refuses it
+        PretrainParams(data=str(pretrain_data), mask_ratio=1.0)
+    # Parameters that bypass the form (built unchecked): the flow refuses them itself.
+    unchecked = PretrainParams.model_construct(**{
+        **PretrainParams(data=str(pretrain_data)).model_dump(), "mask_ratio": 1.0})
+    with pytest.raises((PretrainInputError, ValidationError), match=r"mask.ratio"):
+        guided_pretrain(unchecked)
+    # Nothing was done: no run record, no data set, no keypoints, no checkpoint.
+    assert not (home / "artifacts").exists()
+    db = home / "vitsem.db"
+    if db.exists():
+        eng = sa.create_engine(f"sqlite:///{db}")
+        with eng.connect() as c:
+            for table in ("flow_runs", "datasets", "keypoint_sets", "images"):
+                assert c.scalar(sa.text(f"SELECT count(*) FROM {table}")) == 0, table
+        eng.dispose()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

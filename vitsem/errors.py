@@ -9,6 +9,11 @@ class VitsemError(Exception):
     """Base class of every error vitsem raises on purpose."""
 
 
+class ConfigError(VitsemError, ValueError):
+    """A setting or option value that cannot work (out of range, unknown choice). Raised by
+    every ``validate()`` before any work starts."""
+
+
 class ImageError(VitsemError):
     """An image file cannot be used. ``reason`` is a short machine-readable code."""
 
@@ -57,7 +62,8 @@ class CheckpointError(VitsemError):
 
 
 class DatasetError(VitsemError):
-    """A data set folder or manifest that cannot be used."""
+    """Input files, a data set folder or a manifest that cannot be used (a missing path, a
+    benchmark folder without its manifest, ...)."""
 
 
 class AuditInputError(VitsemError):

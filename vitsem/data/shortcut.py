@@ -20,7 +20,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from vitsem.errors import DatasetError
+from vitsem.errors import ConfigError, DatasetError
 from vitsem.method.keypoints import default_workers, parallel_map
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "star")
@@ -81,20 +81,20 @@ class ShortcutSpec:
 
     def validate(self) -> None:
         if not 2 <= self.num_classes <= len(SHAPES):
-            raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {self.num_classes}")
+            raise ConfigError(f"num_classes must be in [2, {len(SHAPES)}], got {self.num_classes}")
         if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {self.rho}")
+            raise ConfigError(f"rho must be in [0, 1], got {self.rho}")
         if self.glyph not in GLYPHS:
-            raise ValueError(f"unknown glyph {self.glyph!r}; choose one of {sorted(GLYPHS)}")
+            raise ConfigError(f"unknown glyph {self.glyph!r}; choose one of {sorted(GLYPHS)}")
         if self.position not in ("fixed", "random"):
-            raise ValueError(f"position must be 'fixed' or 'random', got {self.position!r}")
+            raise ConfigError(f"position must be 'fixed' or 'random', got {self.position!r}")
         if self.test_mode not in ("decorrelated", "reversed"):
-            raise ValueError(f"test_mode must be 'decorrelated' or 'reversed', got "
+            raise ConfigError(f"test_mode must be 'decorrelated' or 'reversed', got "
                              f"{self.test_mode!r}")
         if not 0 <= self.shortcut_class < self.num_classes:
-            raise ValueError(f"shortcut_class must be in [0, {self.num_classes})")
+            raise ConfigError(f"shortcut_class must be in [0, {self.num_classes})")
         if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
 
     @property
     def class_names(self) -> list[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from scipy.special import ndtr
 
+from vitsem.errors import ConfigError
 from vitsem.method.keypoints import Keypoints
 
 
@@ -75,14 +77,46 @@ def _scale(kps: Keypoints, grid: TokenGrid) -> np.ndarray:
     return np.einsum("kr,kc->rc", my, mx).ravel()
 
 
-Weighting = Callable[[Keypoints, TokenGrid], np.ndarray]
+WeightingFn = Callable[[Keypoints, TokenGrid], np.ndarray]
 
-WEIGHTINGS: dict[str, Weighting] = {
+WEIGHTINGS: dict[str, WeightingFn] = {
     "count": _count,
     "response": _response,
     "scale": _scale,
 }
 """Registry of concentration weightings (METHOD.md §1); default ``count``."""
+
+Weighting = Literal["count", "response", "scale"]
+"""The names of :data:`WEIGHTINGS`, as a type: option parsers and the Prefect UI offer them as
+choices and refuse anything else before work starts."""
+
+if set(get_args(Weighting)) != set(WEIGHTINGS):  # pragma: no cover - caught at import
+    raise ImportError("Weighting must list exactly the keys of WEIGHTINGS")
+
+
+@dataclass(frozen=True)
+class SemanticConfig:
+    """How keypoints become semantic concentration (METHOD.md §1), chosen once and shared by
+    the analysis, the audit and pre-training. ``levels``: K concentration levels;
+    ``level_thresholds``: fixed thresholds between the non-zero levels (``levels - 2`` values,
+    e.g. data-set quantiles) instead of each image's own quantiles."""
+
+    weighting: Weighting = "count"
+    levels: int = 3
+    level_thresholds: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"unknown weighting {self.weighting!r}; choose one of {sorted(WEIGHTINGS)}")
+        if not 2 <= self.levels <= 8:
+            raise ConfigError(f"levels must be in [2, 8], got {self.levels}")
+        if self.level_thresholds is not None and len(self.level_thresholds) != self.levels - 2:
+            raise ConfigError(f"{self.levels} levels need {self.levels - 2} thresholds, got "
+                              f"{len(self.level_thresholds)}")
+
+    def thresholds(self) -> np.ndarray | None:
+        return None if self.level_thresholds is None else np.asarray(self.level_thresholds)
 
 
 def concentration(kps: Keypoints, grid: TokenGrid, weighting: str = "count") -> np.ndarray:
@@ -90,7 +124,7 @@ def concentration(kps: Keypoints, grid: TokenGrid, weighting: str = "count") -> 
     try:
         fn = WEIGHTINGS[weighting]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown weighting {weighting!r}; choose one of {sorted(WEIGHTINGS)}"
         ) from None
     return fn(kps, grid)
@@ -113,7 +147,7 @@ def concentration_levels(c: np.ndarray, num_levels: int = 3,
     its non-zero c (for K = 3: the median).
     """
     if num_levels < 2:
-        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        raise ConfigError(f"num_levels must be >= 2, got {num_levels}")
     nz = c > 0
     levels = np.zeros(c.shape, np.int64)
     if not nz.any():
@@ -123,16 +157,8 @@ def concentration_levels(c: np.ndarray, num_levels: int = 3,
         thresholds = np.quantile(c[nz], qs) if len(qs) else np.zeros(0)
     thresholds = np.asarray(thresholds, np.float64)
     if thresholds.shape != (num_levels - 2,):
-        raise ValueError(
+        raise ConfigError(
             f"need {num_levels - 2} thresholds for {num_levels} levels, got {thresholds.shape}"
         )
     levels[nz] = 1 + np.searchsorted(thresholds, c[nz], side="left")
     return levels
-
-
-def dataset_level_thresholds(nonzero_concentrations: np.ndarray, num_levels: int = 3
-                             ) -> np.ndarray:
-    """Thresholds for :func:`concentration_levels` from data-set-wide quantiles of the
-    non-zero concentrations (the ``dataset`` binning option)."""
-    qs = np.arange(1, num_levels - 1) / (num_levels - 1)
-    return np.quantile(nonzero_concentrations[nonzero_concentrations > 0], qs)

@@ -7,13 +7,11 @@ pixel's centre, as OpenCV reports them).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import islice
 from operator import attrgetter
 from pathlib import Path
@@ -39,11 +37,6 @@ class SiftParams:
     edge_threshold: float = 10.0
     sigma: float = 1.6
     descriptors: bool = False
-
-    def digest(self) -> str:
-        """Stable short hash of the parameters, for content-addressed caching."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def create(self) -> Any:
         return cv2.SIFT_create(  # type: ignore[attr-defined]

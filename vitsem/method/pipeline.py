@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitsem.errors import ConfigError
 from vitsem.method.analysis import PER_HEAD_STATS, InterrelationAnalyzer, SemanticBatch
 from vitsem.method.attention import TokenLayout, token_layout
-from vitsem.method.concentration import concentration, concentration_levels
+from vitsem.method.concentration import SemanticConfig, concentration, concentration_levels
 from vitsem.method.images import ImageLimits
 from vitsem.method.keypoints import Keypoints, Rejected, SiftParams, ViewedKeypoints, sift_files
 from vitsem.method.stats import StatsAccumulator, Summary
@@ -26,17 +27,26 @@ LAYER_STATS = ("semantic_lift", "cls_focus", "semantic_mass")
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """Options of :func:`analyze_images` (METHOD.md §1-2)."""
+    """Options of :func:`analyze_images` (METHOD.md §1-2): the semantic concentration
+    (``semantic``), model batch size, SIFT processes (``workers``, default all cores), SIFT
+    settings, image limits, images kept for pictures and the model's device."""
 
-    weighting: str = "count"
-    num_levels: int = 3
-    level_thresholds: tuple[float, ...] | None = None
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
     batch_size: int = 32
     workers: int | None = None
     sift: SiftParams = field(default_factory=SiftParams)
     limits: ImageLimits = field(default_factory=ImageLimits)
     num_examples: int = 4
     device: str = "cpu"
+
+    def validate(self) -> None:
+        self.semantic.validate()
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.num_examples < 0:
+            raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
 
 
 @dataclass
@@ -100,9 +110,10 @@ def analyze_batch(items: list[ViewedKeypoints], analyzer: InterrelationAnalyzer,
                   on_rows: PerImageSink | None = None) -> None:
     """Analyse one batch of viewed images into ``result`` (statistics, examples)."""
     grid = analyzer.layout.grid
-    c = np.stack([concentration(it.keypoints, grid, cfg.weighting) for it in items])
-    thresholds = None if cfg.level_thresholds is None else np.asarray(cfg.level_thresholds)
-    sem = SemanticBatch.from_concentrations(c, cfg.num_levels, thresholds, cfg.device)
+    semantic = cfg.semantic
+    c = np.stack([concentration(it.keypoints, grid, semantic.weighting) for it in items])
+    thresholds = semantic.thresholds()
+    sem = SemanticBatch.from_concentrations(c, semantic.levels, thresholds, cfg.device)
     x = view.to_tensor(np.stack([it.view for it in items])).to(cfg.device)
     want_maps = len(result.examples) < cfg.num_examples
     out = analyzer.run(x, sem, keep_cls_maps=want_maps)
@@ -118,7 +129,7 @@ def analyze_batch(items: list[ViewedKeypoints], analyzer: InterrelationAnalyzer,
             break
         result.examples.append(Example(
             it.path, it.view, it.keypoints, c[i],
-            concentration_levels(c[i], cfg.num_levels, thresholds),
+            concentration_levels(c[i], semantic.levels, thresholds),
             None if out.cls_maps is None else out.cls_maps[i], int(pred[i])))
     if on_rows is not None:
         on_rows([{
@@ -162,6 +173,7 @@ def analyze_images(model: nn.Module, paths: Iterable[str | Path],
     rest go on. ``on_rows`` receives per-image summary rows batch by batch, so a caller can
     stream them to disk; ``progress`` gets the number of files handled so far.
     """
+    config.validate()
     model = model.to(config.device).eval()
     view = view or ModelView.from_model(model)
     analyzer, result = new_analysis(model, view, config)

@@ -8,10 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitsem.method.keypoints import Rejected
+from vitsem.method.concentration import TokenGrid, concentration
+from vitsem.method.keypoints import Rejected, ViewedKeypoints
 from vitsem.method.pipeline import STAT_DESCRIPTIONS, AnalysisResult
 
 
@@ -27,7 +29,8 @@ def _clean(x: Any) -> Any:
 
 
 class PerImageWriter:
-    """Streams per-image rows to a Parquet file, batch by batch (constant memory)."""
+    """Streams rows (per image, per keypoint) to a Parquet file, batch by batch, so memory
+    stays constant; the file appears complete or not at all (written under a temporary name)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -36,16 +39,67 @@ class PerImageWriter:
         self.rows = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> None:
-        table = pa.Table.from_pylist(rows)
+        self.write(pa.Table.from_pylist(rows))
+
+    def write(self, table: pa.Table) -> None:
         if self._writer is None:
             self._writer = pq.ParquetWriter(str(self._tmp), table.schema)
         self._writer.write_table(table)
-        self.rows += len(rows)
+        self.rows += table.num_rows
 
     def close(self) -> None:
-        if self._writer is not None:
+        """Finish the file; with no rows written, an empty table (the file always exists)."""
+        if self._writer is None:
+            pq.write_table(pa.table({}), str(self._tmp))
+        else:
             self._writer.close()
-            self._tmp.replace(self.path)
+        self._tmp.replace(self.path)
+
+
+class KeypointTableWriter:
+    """Streams ``keypoints.parquet`` (one row per keypoint: path, x, y, size, angle, response,
+    octave) and ``images.parquet`` (per image: keypoint count, keypoint patches and the patch
+    concentration on ``grid``) into ``out``, a few hundred images at a time."""
+
+    FIELDS = ("size", "angle", "response", "octave")
+
+    def __init__(self, out: Path, grid: TokenGrid, weighting: str, buffer: int = 256) -> None:
+        self.grid, self.weighting, self.buffer = grid, weighting, buffer
+        self._keypoints = PerImageWriter(out / "keypoints.parquet")
+        self._images = PerImageWriter(out / "images.parquet")
+        self._pending: list[ViewedKeypoints] = []
+        self.images = 0
+        self.keypoints = 0
+
+    def add(self, item: ViewedKeypoints) -> None:
+        self._pending.append(item)
+        if len(self._pending) >= self.buffer:
+            self._write()
+
+    def _write(self) -> None:
+        if not self._pending:
+            return
+        cols: dict[str, Any] = {"path": np.concatenate([
+            np.full(len(it.keypoints), it.path, dtype=object) for it in self._pending])}
+        cols["x"] = np.concatenate([it.keypoints.xy[:, 0] for it in self._pending])
+        cols["y"] = np.concatenate([it.keypoints.xy[:, 1] for it in self._pending])
+        for f in self.FIELDS:
+            cols[f] = np.concatenate([getattr(it.keypoints, f) for it in self._pending])
+        self._keypoints.write(pa.table({k: pa.array(v) for k, v in cols.items()}))
+        rows = []
+        for it in self._pending:
+            c = concentration(it.keypoints, self.grid, self.weighting)
+            rows.append({"path": it.path, "num_keypoints": len(it.keypoints),
+                         "semantic_patches": int((c > 0).sum()), "concentration": c.tolist()})
+            self.keypoints += len(it.keypoints)
+        self._images(rows)
+        self.images += len(rows)
+        self._pending = []
+
+    def close(self) -> None:
+        self._write()
+        self._keypoints.close()
+        self._images.close()
 
 
 def stats_document(result: AnalysisResult, meta: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ overwritten with different bytes (:class:`ArtifactConflictError`).
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
+from vitsem.digests import sha256_bytes
 from vitsem.errors import VitsemError
 
 T = TypeVar("T")
+
+log = logging.getLogger("vitsem.platform.storage")
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
 
@@ -46,10 +49,6 @@ def validate_key(key: str) -> str:
     return key
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def content_key(kind: str, content_sha256: str, params_digest: str, suffix: str) -> str:
     """``kind/params/ab/abcdef....suffix``: one key per (content, parameters)."""
     return validate_key(
@@ -69,9 +68,6 @@ class ArtifactStore(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
-
-    def put_file(self, key: str, path: Path) -> str:
-        """Upload a (possibly large) file; multipart where the backend has it."""
 
     def uri_for(self, key: str) -> str: ...
 
@@ -122,9 +118,6 @@ class LocalArtifactStore:
             raise
         return path.as_uri()
 
-    def put_file(self, key: str, path: Path) -> str:
-        return self.put(key, Path(path).read_bytes())
-
 
 _PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
                        "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled"}
@@ -138,10 +131,8 @@ class S3ArtifactStore:
     exponential backoff for up to ``retry_seconds``; permanent ones raise at once.
     """
 
-    def __init__(self, uri: str, *, retry_seconds: float = 60.0,
-                 multipart_threshold: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, uri: str, *, retry_seconds: float = 60.0) -> None:
         import boto3
-        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         parsed = urlparse(uri)
@@ -155,8 +146,6 @@ class S3ArtifactStore:
         self.retry_seconds = retry_seconds
         self._client = boto3.client("s3", config=Config(
             retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30))
-        self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
-                                        multipart_chunksize=multipart_threshold)
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -190,6 +179,8 @@ class S3ArtifactStore:
                     f"S3 {what} on {self.uri} kept failing for {self.retry_seconds:.0f} s "
                     f"({type(err).__name__}); is the endpoint up?"
                 ) from None
+            log.warning("S3 %s on %s failed (%s); retrying in %.1f s", what, self.uri,
+                        type(err).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
 
@@ -238,19 +229,6 @@ class S3ArtifactStore:
         digest = sha256_bytes(data)
         self._call("put", lambda: self._client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest}))
-        return self.uri_for(key)
-
-    def put_file(self, key: str, path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
-        if self._already_stored(key, digest):
-            return self.uri_for(key)
-        self._call("upload", lambda: self._client.upload_file(
-            str(path), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": digest}},
-            Config=self._transfer))
         return self.uri_for(key)
 
 

@@ -7,7 +7,7 @@ shard is one row however often a flow runs. Works on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from vitsem.errors import VitsemError
@@ -142,6 +143,23 @@ class AuditFinding(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+def upsert(session: Session, model: type[Base], rows: Sequence[dict[str, Any]],
+           keys: Sequence[str], update: Sequence[str] = ()) -> None:
+    """Atomic INSERT ... ON CONFLICT (``keys``) DO NOTHING, or DO UPDATE of the ``update``
+    columns, for SQLite and PostgreSQL: safe when concurrent runs insert the same row."""
+    if not rows:
+        return
+    insert: Any = postgresql.insert if session.get_bind().dialect.name == "postgresql" \
+        else sqlite.insert
+    stmt = insert(model.__table__).values(list(rows))
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys),
+                                          set_={k: stmt.excluded[k] for k in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    session.execute(stmt)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and foreign keys so threads can share it."""
     if url.startswith("sqlite:///"):
@@ -188,15 +206,13 @@ class MetadataStore:
             yield s
 
     def dataset(self, uri: str, name: str) -> int:
-        """The id of the data set at ``uri``, created on first use."""
+        """The id of the data set at ``uri``, created on first use (an atomic upsert, so
+        concurrent runs on one data set get one row)."""
         with self.session() as s:
+            upsert(s, Dataset, [{"uri": uri, "name": name, "created_at": _now()}], ["uri"])
             found = s.scalar(select(Dataset.id).where(Dataset.uri == uri))
-            if found is not None:
-                return found
-            row = Dataset(uri=uri, name=name)
-            s.add(row)
-            s.flush()
-            return row.id
+            assert found is not None
+            return found
 
     def __repr__(self) -> str:
         return f"MetadataStore({redact(self.url)!r})"

@@ -1,0 +1,191 @@
+"""Commands that run through the platform: the Prefect flows on the configured services (the
+embedded defaults otherwise), deployments, the database and the settings."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vitsem.cli.app import command, db_app
+from vitsem.cli.console import console, print_audit, print_pretrain, print_profile
+from vitsem.cli.local import CheckpointOpt, ModelOpt, SplitOpt, default_model
+
+AUDIT_CRON = "0 3 * * *"
+
+
+def data_and_model(data: Path | None, checkpoint: Path | None, model: str | None
+                   ) -> dict[str, Any]:
+    """Flow parameters naming the data and the model (the shipped default for what is not
+    given)."""
+    if data is None or (checkpoint is None and model is None):
+        d, c = default_model()
+        data, checkpoint = data or d, checkpoint or (c if model is None else None)
+    return {"data": str(Path(data).resolve()), "model": model,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+
+
+@command()
+def audit(
+    data: Annotated[Path | None, typer.Argument(
+        help="Benchmark folder, or a folder with one sub-folder per class.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder to copy the report into.")] = Path(
+        "runs/audit"),
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    split: SplitOpt = "test",
+    top_fraction: Annotated[float, typer.Option(help="Share of patches counted as most "
+                                                     "attended, in (0, 1].")] = 0.1,
+) -> None:
+    """Spurious-correlation audit: candidate shortcuts, causal check, prompting.
+
+    Runs the `spurious_audit` flow (stores, MLflow, Prefect artifacts on the configured
+    services; embedded defaults otherwise) and copies report.html, its PNGs and the JSON
+    results into --out. With no data: the shipped benchmark and its tiny ViT."""
+    from flows.spurious_audit import AuditParams, spurious_audit
+    from vitsem.platform.services.audit import REPORT_PREFIX, copy_report
+    from vitsem.platform.services.context import context
+    from vitsem.platform.settings import Settings
+
+    params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
+                         top_fraction=top_fraction)
+    result = spurious_audit(params)
+    print_audit(result)
+    copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
+    console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
+                  f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
+
+
+@command()
+def pretrain(
+    data: Annotated[Path | None, typer.Argument(
+        help="Benchmark folder (train split to pre-train on, test split for the probes).")
+    ] = None,
+    masker: Annotated[str, typer.Option(help="random, sift, sift-hint or kamim.")] = "sift",
+    alpha: Annotated[float, typer.Option(help="sift exponent (< 0 keeps semantic patches "
+                                              "visible).")] = 1.0,
+    mask_ratio: Annotated[float, typer.Option(help="Share of patches masked.")] = 0.75,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    limit: Annotated[int | None, typer.Option(help="Training images at most.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Keypoint-guided MAE pre-training (the `guided_pretrain` flow).
+
+    Per-epoch loss, linear-probe and k-NN accuracy to MLflow, a checkpoint per epoch in the
+    artifact store (a rerun resumes from the last one), the encoder registered in MLflow.
+    With no data: the shipped benchmark."""
+    from flows.guided_pretrain import PretrainParams, guided_pretrain
+
+    params = PretrainParams(data=str(Path(data or default_model()[0]).resolve()),
+                            masker=masker, alpha=alpha,  # type: ignore[arg-type]
+                            mask_ratio=mask_ratio, epochs=epochs, limit=limit, seed=seed,
+                            device=device)
+    result = guided_pretrain(params)
+    print_pretrain(masker, result["history"])
+    console.print(f"resumed from epoch {result['resumed_from_epoch']}; encoder registered as "
+                  f"{result['registered']}; checkpoints under {result['checkpoints']}")
+
+
+@command(db_app, "upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
+               ) -> None:
+    """Apply the schema migrations to VITSEM_DATABASE_URL (default: SQLite under home)."""
+    from vitsem.platform.settings import Settings
+    from vitsem.platform.storage.db import upgrade
+
+    settings = Settings()
+    upgrade(settings.resolved_database_url(), revision)
+    console.print(f"database at {settings.public_dict()['database_url']} is at {revision}")
+
+
+@command(name="settings")
+def show_settings() -> None:
+    """Show the resolved settings (secrets redacted)."""
+    from vitsem.platform.settings import Settings
+
+    for key, value in Settings().public_dict().items():
+        console.print(f"{key:22s} {value}")
+
+
+@command()
+def serve(
+    data: Annotated[Path | None, typer.Option(help="Data set the audit runs on.")] = None,
+    checkpoint: CheckpointOpt = None,
+    model: ModelOpt = None,
+    cron: Annotated[str, typer.Option(help="Schedule of the model audit.")] = AUDIT_CRON,
+) -> None:
+    """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
+
+    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`,
+    `attention_analysis/on-demand`, `spurious_audit/on-demand` and
+    `guided_pretrain/on-demand` to trigger from the Prefect UI or
+    `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
+    from prefect import serve as prefect_serve
+
+    from flows.attention_analysis import attention_analysis
+    from flows.guided_pretrain import guided_pretrain
+    from flows.model_audit import model_audit
+    from flows.sift_extraction import sift_extraction
+    from flows.spurious_audit import spurious_audit
+
+    params = {"params": data_and_model(data, checkpoint, model)}
+    deployments: list[Any] = [
+        guided_pretrain.to_deployment(name="on-demand", parameters={
+            "params": {"data": params["params"]["data"]}}),
+        spurious_audit.to_deployment(name="on-demand", parameters=params),
+        model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
+                                  description="Nightly audit of the configured model"),
+        sift_extraction.to_deployment(name="on-demand", parameters=params),
+        attention_analysis.to_deployment(name="on-demand", parameters=params),
+    ]
+    prefect_serve(*deployments)
+
+
+@command()
+def demo() -> None:
+    """Run the whole pipeline through the flows on the embedded defaults.
+
+    Benchmark data, a tiny ViT (trained once, registered in MLflow), SIFT extraction,
+    attention analysis and the spurious-correlation audit; ends by printing where everything is."""
+    from flows.model_audit import ModelAuditParams, model_audit
+    from vitsem.platform.settings import Settings
+    from vitsem.platform.tracking import register_checkpoint
+
+    t0 = time.perf_counter()
+    settings = Settings()
+    data_dir, ckpt = default_model()
+    marker = ckpt.with_suffix(".registered")
+    if not marker.exists():
+        run_id, version = register_checkpoint(
+            settings, ckpt, "vitsem-tiny-vit", "demo", {"checkpoint": ckpt.name}, {})
+        marker.write_text(f"{run_id} {version}\n")
+    result = model_audit(ModelAuditParams(data=str(data_dir.resolve()),
+                                          checkpoint=str(ckpt.resolve())))
+    analysis = result["attention_analysis"]
+    print_profile(analysis["layer_profile"])
+    if result.get("spurious_audit"):
+        print_audit(result["spurious_audit"])
+    pub = settings.public_dict()
+    sift = result["sift_extraction"]
+    console.print(f"\nSIFT: {sift['computed']} images computed, {sift['cached']} found in the "
+                  f"store, {sift['rejected']} rejected. Analysis: {analysis['images']} images.")
+    console.print(f"finished in {time.perf_counter() - t0:.0f} s\n")
+    console.print(f"artifacts  {pub['artifact_uri']}")
+    console.print(f"metadata   {pub['database_url']}")
+    console.print(f"MLflow     {pub['mlflow_tracking_uri']} (run {analysis['mlflow_run_id']})")
+    if result.get("spurious_audit"):
+        console.print(f"audit      {result['spurious_audit']['report_uri']}")
+    console.print(f"  open it: mlflow ui --backend-store-uri {pub['mlflow_tracking_uri']}")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        console.print(f"Prefect    {api} (flow runs model_audit, sift_extraction, "
+                      "attention_analysis, spurious_audit)")
+    else:
+        console.print("Prefect    runs used an ephemeral API; to keep and browse them:")
+        console.print("  prefect server start   # then, in another shell:")
+        console.print("  export PREFECT_API_URL=http://127.0.0.1:4200/api && vitsem demo")
+    console.print("  vitsem serve           # scheduled audit + deployments to trigger in the UI")
