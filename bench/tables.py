@@ -89,6 +89,9 @@ def print_detection(rows: list[Row]) -> None:
 
 
 def _per_map(rows: list[Row], key: str) -> None:
+    if not rows:
+        print("  n/a (no run)")
+        return
     for m in rows[0]["maps"]:
         print(f"  {m:10s} {mean_ci([r['maps'][m][key] for r in rows])}")
 

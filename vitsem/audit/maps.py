@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitsem.audit.tokens import predict_without
+from vitsem.audit.tokens import predict_leave_one_out
 from vitsem.errors import UnsupportedModelError
 from vitsem.method.attention import AttentionBlock, attention_modules, capture_attention
 
@@ -160,24 +160,20 @@ def occlusion_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | No
                   target: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
     """Leave-one-out token occlusion: the drop of the target probability (default: the
     predicted class) when patch i alone is removed from the token sequence (true removal,
-    :func:`vitsem.audit.tokens.predict_without`). N forwards per image, batched as
-    (B * N) rows in chunks of ``chunk`` rows."""
+    :func:`vitsem.audit.tokens.predict_leave_one_out`). N shortened sequences per image,
+    batched as (B * N) rows in chunks of about ``chunk`` rows."""
     b = len(x)
     n = token_count(model, x)
     base = model(x).softmax(-1)
     cls = _target(base, target)
     p_full = base.gather(1, cls[:, None])[:, 0]
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
     per = max(1, chunk // n)  # images per chunk
     out = []
     for i in range(0, b, per):
-        xi = x[i:i + per]
-        k = len(xi)
-        rows = xi.repeat_interleave(n, 0)  # (k * N, 3, H, W), image-major
-        probs = predict_without(model, rows, eye.repeat(k, 1)).softmax(-1)
-        target_rows = cls[i:i + k].repeat_interleave(n)
-        p_without = probs.gather(1, target_rows[:, None])[:, 0].view(k, n)
-        out.append(p_full[i:i + k, None] - p_without)
+        probs = predict_leave_one_out(model, x[i:i + per]).softmax(-1)  # (k, N, C)
+        k = len(probs)
+        idx = cls[i:i + k, None, None].expand(k, n, 1)
+        out.append(p_full[i:i + k, None] - probs.gather(2, idx)[..., 0])
     return _normalise(torch.cat(out))
 
 

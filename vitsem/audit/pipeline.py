@@ -87,6 +87,7 @@ class AuditConfig:
     batch_size: int = 64
     grow: bool = True
     grow_rings: int = 2
+    grow_trials: int = 2
     faithfulness_images: int = 128
     faithfulness_steps: int = 8
     repair_min_images: int = 20
@@ -102,8 +103,9 @@ class AuditConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
-        if self.max_checked < 1 or self.causal_trials < 1 or self.batch_size < 1:
-            raise ValueError("max_checked, causal_trials and batch_size must be >= 1")
+        if min(self.max_checked, self.causal_trials, self.batch_size, self.grow_trials) < 1:
+            raise ValueError("max_checked, causal_trials, grow_trials and batch_size must be "
+                             ">= 1")
         if self.faithfulness_steps < 2 or self.faithfulness_images < 0 or self.grow_rings < 0:
             raise ValueError("faithfulness_steps must be >= 2, faithfulness_images and "
                              "grow_rings >= 0")
@@ -279,7 +281,8 @@ def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
         patches, levels = cand.patches, 0
         if cfg.grow:
             growth = grow_candidate(predict, xr, target, cand.patches[rows], attribution[rows],
-                                    grid_hw, rings=cfg.grow_rings, seed=cfg.seed)
+                                    grid_hw, rings=cfg.grow_rings,
+                                    trials=cfg.grow_trials, seed=cfg.seed)
             patches = cand.patches.copy()
             patches[rows] = growth.patches
             levels = growth.levels

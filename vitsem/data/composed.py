@@ -7,8 +7,10 @@ Two families of cue:
 - ``background`` (Waterbirds-style): the background is a crop of scikit-image's bundled
   textures or photographs; background family k goes with class k with probability
   ``rho`` in training (and in the held-out ``val`` split), uniformly at test time. A share
-  of test images (``clean_share``) get a neutral background that belongs to no class: the
-  shortcut-free images on which the core's accuracy is read.
+  of images (``clean_share`` at test time, ``train_clean_share`` in train and val) get a
+  neutral background that belongs to no class: at test time, the shortcut-free images on
+  which the core's accuracy is read (in training they keep that background in
+  distribution, so the neutral test images measure the core, not a novel background).
 - ``glyph``: a planted glyph of the shortcut registry (:data:`vitsem.data.shortcut.GLYPHS`),
   of a given size, in a corner or at a random place, present with class ``shortcut_class``
   with probability ``rho`` in training and ``val``, half of the time at test time.
@@ -61,6 +63,7 @@ class ComposedSpec:
     position: Literal["fixed", "random"] = "fixed"
     corner: int = 0
     clean_share: float = 0.34
+    train_clean_share: float = 0.2
     shortcut_class: int = 0
     control: bool = False
     seed: int = 0
@@ -72,8 +75,9 @@ class ComposedSpec:
                              f"got {self.digits}")
         if self.family not in ("glyph", "background"):
             raise ValueError(f"family must be 'glyph' or 'background', got {self.family!r}")
-        if not 0.0 <= self.rho <= 1.0 or not 0.0 <= self.clean_share < 1.0:
-            raise ValueError("rho must be in [0, 1] and clean_share in [0, 1)")
+        if not 0.0 <= self.rho <= 1.0 or not 0.0 <= min(self.clean_share,
+                                                          self.train_clean_share) < 1.0:
+            raise ValueError("rho must be in [0, 1] and the clean shares in [0, 1)")
         if self.glyph not in GLYPHS:
             raise ValueError(f"unknown glyph {self.glyph!r}; choose one of {sorted(GLYPHS)}")
         if self.position not in ("fixed", "random") or not 0 <= self.corner < 4:
@@ -155,7 +159,7 @@ def _paint_digit(img: np.ndarray, mask: np.ndarray, label: int, num_classes: int
     bright on dark backgrounds and dark on bright ones, with a one-pixel outline of the
     opposite brightness."""
     under = img[mask > 0].mean() if mask.any() else 128.0
-    hue = (label / num_classes + rng.normal(0, 0.05)) % 1.0
+    hue = (label / num_classes + rng.normal(0, 0.1)) % 1.0
     value = rng.uniform(0.8, 1.0) if under < 128 else rng.uniform(0.3, 0.45)
     fill = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value)
     edge = cv2.dilate(mask, np.ones((3, 3), np.uint8)) > mask
@@ -195,9 +199,9 @@ def _cue(spec: ComposedSpec, split: str, label: int, rng: np.random.Generator) -
         target = label == spec.shortcut_class
         present = (target if u < spec.rho else not target) if split != "test" else u < 0.5
         return spec.shortcut_class if present else None
+    if rng.uniform() < (spec.clean_share if split == "test" else spec.train_clean_share):
+        return None
     if split == "test":
-        if rng.uniform() < spec.clean_share:
-            return None
         return int(rng.integers(k))
     return label if u < spec.rho else int((label + rng.integers(1, k)) % k)
 
