@@ -95,7 +95,7 @@ def run_one(s: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str
     extra = {"embed_dim": args.embed_dim, "num_heads": 3} if args.embed_dim != 192 else {}
     config = TrainConfig(img_size=args.image_size, epochs=args.epochs, depth=args.depth,
                          seed=s["seed"], lr=args.lr, batch_size=args.batch_size,
-                         label_smoothing=0.0, warmup_epochs=0.3, augment="shift",
+                         label_smoothing=0.0, warmup_epochs=0.3, augment=args.augment,
                          extra=extra)
     t0 = time.perf_counter()
     if s["family"] == "foreign":
@@ -177,11 +177,12 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=240)
     ap.add_argument("--n-test", type=int, default=150)
     ap.add_argument("--image-size", type=int, default=48)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--embed-dim", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--augment", default="jitter")
     ap.add_argument("--faithfulness-images", type=int, default=48)
     ap.add_argument("--shard", default="0/1", help="i/k: run every k-th setting from i "
                     "(parallel workers, each with its own results file).")

@@ -90,26 +90,43 @@ def load_benchmark(root: str | Path, split: str, view: ModelView, grid: TokenGri
     return BenchmarkAudit(data, samples, truth, cue_class)
 
 
-def is_planted(finding: Finding, truth: np.ndarray, shortcut_class: int,
-               min_precision: float = 0.5) -> bool:
-    """A finding is the planted shortcut when it belongs to the shortcut class and at least
-    ``min_precision`` of the patches it marks are (partly, >= 25%) glyph patches."""
-    marked = finding.patches
-    if finding.cls != shortcut_class or not marked.any():
-        return False
-    return float((truth[marked] >= 0.25).mean()) >= min_precision
+def _near(cue: np.ndarray, grid_hw: tuple[int, int] | None) -> np.ndarray:
+    """(B, N) cue patches and their 8 neighbours: a cue rarely sits on patch borders, so a
+    finding that covers it also marks the patches it overlaps by a few pixels."""
+    from vitsem.audit.discovery import dilate
+
+    n = cue.shape[1]
+    if grid_hw is None:
+        side = round(float(np.sqrt(n)))
+        grid_hw = (side, n // side)
+    return dilate(cue, grid_hw)
 
 
 def is_planted_cue(finding: Finding, truth: np.ndarray, cue_class: np.ndarray,
-                   min_precision: float = 0.5) -> bool:
-    """:func:`is_planted` for benchmarks whose cue may point to any class (a background
-    family per class): at least ``min_precision`` of the finding's marked patches are (>=
-    25%) covered by a cue that points to the finding's class."""
+                   min_precision: float = 0.5, min_recall: float = 0.5,
+                   grid_hw: tuple[int, int] | None = None) -> bool:
+    """A finding is the planted cue when, over the images it marks, at least
+    ``min_precision`` of its patches are on or next to a patch (>= 25%) covered by a cue
+    that points to the finding's class, and it marks at least ``min_recall`` of those cue
+    patches (a finding that sits on a corner of the cue does not cover what the model
+    uses)."""
     marked = finding.patches
-    if not marked.any():
+    rows = marked.any(1)
+    if not rows.any():
         return False
-    own = (truth >= 0.25) & (np.asarray(cue_class) == finding.cls)[:, None]
-    return float(own[marked].mean()) >= min_precision
+    cue = (truth >= 0.25) & (np.asarray(cue_class) == finding.cls)[:, None]
+    precision = float(_near(cue, grid_hw)[marked].mean())
+    on_cue = cue[rows]
+    recall = float(marked[rows][on_cue].mean()) if on_cue.any() else 0.0
+    return precision >= min_precision and recall >= min_recall
+
+
+def is_planted(finding: Finding, truth: np.ndarray, shortcut_class: int,
+               min_precision: float = 0.5, min_recall: float = 0.5) -> bool:
+    """:func:`is_planted_cue` for a glyph that points to ``shortcut_class`` wherever it is
+    (``truth`` > 0)."""
+    cue_class = np.where((truth >= 0.25).any(1), shortcut_class, -1)
+    return is_planted_cue(finding, truth, cue_class, min_precision, min_recall)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

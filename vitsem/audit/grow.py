@@ -15,8 +15,9 @@ Growth builds nested patch sets per image, in this order:
 
 Each set's *excess effect* is its removal effect minus that of as many random patches
 (the quantity the causal check tests). The smallest set whose excess effect is within
-``tol`` of the largest is kept: growth goes as far as the effect still rises and no
-further, since patches that add no more than random ones would only blur the finding.
+``max(tol, rel_tol * largest)`` of the largest is kept: growth goes as far as the effect
+still rises markedly and no further, since patches that add little more than random ones
+would only blur the finding.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def attended_component(seeds: np.ndarray, attended: np.ndarray, grid_hw: tuple[i
 
 def grow_candidate(predict: Predictor, x: torch.Tensor, target: torch.Tensor,
                    seeds: np.ndarray, attribution: np.ndarray, grid_hw: tuple[int, int], *,
-                   rings: int = 2, max_fraction: float = 0.5, tol: float = 0.01,
-                   trials: int = 2, seed: int = 0) -> Growth:
+                   rings: int = 2, max_fraction: float = 0.5, tol: float = 0.02,
+                   rel_tol: float = 0.05, trials: int = 2, seed: int = 0) -> Growth:
     """Grow ``seeds`` (B, N) bool over images ``x`` (B, 3, H, W) whose ``target`` class the
     candidate is tested against; ``attribution`` (B, N) decides what is attended. At most
     ``max_fraction`` of an image's patches are ever removed."""
@@ -84,7 +85,8 @@ def grow_candidate(predict: Predictor, x: torch.Tensor, target: torch.Tensor,
         kept.append(level)
         excess.append(float((eff - rnd).mean()))
         counts.append(float(s.sum(1).mean()))
-    # Saturation: the smallest set within ``tol`` of the best excess effect.
+    # Saturation: the smallest set within max(tol, rel_tol * best) of the best excess
+    # effect; a ring that adds one or two points more than random is context, not pattern.
     top = max(excess)
-    best = kept[next(i for i, e in enumerate(excess) if e >= top - tol)]
+    best = kept[next(i for i, e in enumerate(excess) if e >= top - max(tol, rel_tol * top))]
     return Growth(sets[best], best, excess, counts)

@@ -13,7 +13,7 @@ Storage and orchestration live elsewhere; this module sees arrays and a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -256,6 +256,13 @@ def _repair(model: nn.Module, view: ModelView, grid: TokenGrid, data: AuditData,
     result.repaired_models = rep.models
 
 
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Patch overlap (B, N) of two findings over the images both mark."""
+    rows = a.any(1) & b.any(1)
+    union = int((a[rows] | b[rows]).sum())
+    return int((a[rows] & b[rows]).sum()) / union if union else 0.0
+
+
 def _attribution(name: str, model: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                  batch_size: int) -> np.ndarray:
     fn = MAPS[name]
@@ -305,10 +312,21 @@ def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
                 -(causal.effect - causal.random_effect) if causal.confirmed else -cand.score)
 
     checked.sort(key=order)
-    findings = [Finding(rank, c.cls, class_names[c.cls], c.images, c.recurrence, c.other_rate,
-                        c.attention_lift, on_obj, causal, verdict(causal, on_obj), patches,
-                        c.patches, c.centroids, c.radii, levels)
-                for rank, (c, patches, causal, on_obj, levels) in enumerate(checked, 1)]
+    findings: list[Finding] = []
+    for c, patches, causal, on_obj, levels in checked:
+        same = next((i for i, f in enumerate(findings) if f.cls == c.cls
+                     and _jaccard(f.patches, patches) >= 0.5), None)
+        if same is not None:  # grown onto the same pattern: one finding, all descriptors
+            f = findings[same]
+            findings[same] = replace(
+                f, centroids=np.vstack([f.centroids, c.centroids]),
+                radii=np.append(f.radii, c.radii), seed_patches=f.seed_patches | c.patches,
+                patches=np.where(f.patches.any(1, keepdims=True), f.patches, patches))
+            continue
+        findings.append(Finding(len(findings) + 1, c.cls, class_names[c.cls], c.images,
+                                c.recurrence, c.other_rate, c.attention_lift, on_obj, causal,
+                                verdict(causal, on_obj), patches, c.patches, c.centroids,
+                                c.radii, levels))
     reliance = (attribution * findings[0].patches).sum(1) if findings else np.zeros(len(x))
     off = (off_object_semantic_attention(attribution, weights > 0, coverage)
            if coverage is not None else np.full(len(x), np.nan))

@@ -159,7 +159,7 @@ def _paint_digit(img: np.ndarray, mask: np.ndarray, label: int, num_classes: int
     bright on dark backgrounds and dark on bright ones, with a one-pixel outline of the
     opposite brightness."""
     under = img[mask > 0].mean() if mask.any() else 128.0
-    hue = (label / num_classes + rng.normal(0, 0.1)) % 1.0
+    hue = (label / num_classes + rng.normal(0, 0.06)) % 1.0
     value = rng.uniform(0.8, 1.0) if under < 128 else rng.uniform(0.3, 0.45)
     fill = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value)
     edge = cv2.dilate(mask, np.ones((3, 3), np.uint8)) > mask
