@@ -219,6 +219,12 @@ def test_audit_without_masks_reviews_and_repairs_from_its_findings(
     assert any(f.name == "repairs.png" for f in files)
     doc = json.loads((tmp_path / "r" / "audit.json").read_text())
     assert doc["repairs"]["dfr:pseudo"]["gap_closed"] == pytest.approx(pseudo.gap_closed)
+    # Re-audit the repaired model: the glyph's removal hurts it less than it hurt the floor.
+    again = audit(again, view, part(slice(0, half)), cfg)
+    assert again.prompts["none"].accuracy == pytest.approx(pseudo.accuracy)
+    after = again.maps["semantic"].top
+    before = top.causal.effect - top.causal.random_effect
+    assert after is None or after.causal.effect - after.causal.random_effect < before
     assert doc["findings"]["semantic"][0]["verdict_label"] == "relied on — review"
 
 
