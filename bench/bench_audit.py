@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=90.0,
                     help="Stop starting new runs after this many minutes.")
     ap.add_argument("--table", action="store_true", help="Only print the table of --out.")
+    ap.add_argument("--plot", type=Path, default=None, help="Also write the figure here.")
     args = ap.parse_args()
     # One thread: on a shared, oversubscribed CPU two threads ran 8x slower than one.
     torch.set_num_threads(1)
@@ -216,9 +217,11 @@ def main() -> None:
                   f"{sem['top1_patches']} patches), ABPC {sem['abpc']:.3f}, repair "
                   f"{row['repairs'].get('dfr:pseudo', {}).get('gap_closed')} "
                   f"({row['train_seconds']:.0f}+{row['audit_seconds']:.0f} s)", flush=True)
-    from tables import print_tables
+    from tables import plot, print_tables
 
     print_tables(done)
+    if args.plot is not None and done:
+        plot(done, args.plot)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,49 @@ def print_tables(rows: list[Row]) -> None:
     print(f"\nper run: {np.mean([r['train_seconds'] for r in rows]):.0f} s data+training, "
           f"{np.mean([r['audit_seconds'] for r in rows]):.0f} s audit; total "
           f"{sum(secs) / 60:.1f} min over {len(rows)} runs")
+
+
+def plot(rows: list[Row], path: Any) -> None:
+    """Left: ABPC per map over all runs (mean, 95% interval). Right: worst-group accuracy of
+    the floor, the repairs and prompting per rho, runs relying on the cue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def stats(v: list[Any]) -> tuple[float, float]:
+        a = np.array([float(x) for x in v if x is not None and x == x])
+        if not len(a):
+            return float("nan"), 0.0
+        return float(a.mean()), float(1.96 * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 \
+            else 0.0
+
+    maps = list(rows[0]["maps"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 3.8))
+    ms = [stats([r["maps"][m]["abpc"] for r in rows]) for m in maps]
+    ax.bar(range(len(maps)), [m for m, _ in ms], yerr=[e for _, e in ms])
+    ax.set_xticks(range(len(maps)), maps, rotation=20, fontsize=8)
+    ax.set_ylabel("ABPC")
+    ax.set_title(f"Faithfulness, {len(rows)} runs (mean, 95% interval)", fontsize=9)
+    methods = [("none", "floor"), ("dfr:pseudo", "dfr:pseudo"), ("dfr:oracle", "oracle"),
+               ("dfr:class", "class-balanced"), ("prompt", "prompt drop:semantic")]
+    rhos = sorted({r["setting"]["rho"] for r in rows})
+    width = 0.8 / len(methods)
+    for k, (key, label) in enumerate(methods):
+        vals = []
+        for rho in rhos:
+            sel = [r for r in rows if r["setting"]["rho"] == rho and not r["setting"]["control"]
+                   and _relies(r) and "dfr:pseudo" in r["repairs"]]
+            src = [r["prompts"]["drop:semantic"] if key == "prompt" else r["repairs"].get(key)
+                   for r in sel]
+            vals.append(stats([s["worst_group_accuracy"] for s in src if s is not None]))
+        bx.bar(np.arange(len(rhos)) + (k - len(methods) / 2 + 0.5) * width,
+               [v for v, _ in vals], width, yerr=[e for _, e in vals], label=label)
+    bx.set_xticks(range(len(rhos)), [f"rho {r}" for r in rhos])
+    bx.set_ylim(0, 1)
+    bx.set_ylabel("worst-group accuracy")
+    bx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    bx.set_title("Repair vs prompting (runs relying on the cue)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

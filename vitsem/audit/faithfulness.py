@@ -95,7 +95,8 @@ def pattern_localisation(attribution: np.ndarray, pattern: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Per image holding a pattern (``pattern`` (B, N) bool, not all True): AUROC of the
     map against the pattern's patches (ties count half) and the pointing-game hit (the top
-    patch is a pattern patch). Returns two (B,) arrays, NaN where no pattern is known."""
+    patch is a pattern patch; with tied top patches, the share of them that are).
+    Returns two (B,) arrays, NaN where no pattern is known."""
     a = np.asarray(attribution, np.float64)
     pos = np.asarray(pattern, bool)
     n_pos, n_neg = pos.sum(1), (~pos).sum(1)
@@ -103,8 +104,10 @@ def pattern_localisation(attribution: np.ndarray, pattern: np.ndarray
     ranks = rankdata(a, axis=1)  # ties get their average rank
     u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2
     auc = np.where(valid, u / np.maximum(n_pos * n_neg, 1), np.nan)
-    top = a.argmax(1)
-    hit = np.where(valid, pos[np.arange(len(a)), top], np.nan)
+    # Pointing: the share of the top-valued patches that are pattern patches, i.e. the hit
+    # rate under random tie-breaking (a flat map must not score by raster order).
+    tops = a == a.max(1, keepdims=True)
+    hit = np.where(valid, (tops & pos).sum(1) / tops.sum(1), np.nan)
     return auc, hit
 
 
