@@ -22,6 +22,9 @@ from scipy.stats import rankdata
 
 from vitsem.audit.causal import Predictor
 
+__all__ = ["Faithfulness", "deletion_curves", "deletion_orders", "faithfulness",
+           "pattern_localisation"]
+
 
 def _interval(values: np.ndarray) -> tuple[float, float, float]:
     """Mean and normal-approximation 95% interval of per-image values (NaNs ignored)."""

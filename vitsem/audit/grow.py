@@ -30,6 +30,8 @@ import torch
 from vitsem.audit.causal import Predictor, removal_effects
 from vitsem.audit.discovery import dilate
 
+__all__ = ["Growth", "attended_component", "grow_candidate"]
+
 
 @dataclass(frozen=True)
 class Growth:

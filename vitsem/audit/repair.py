@@ -24,6 +24,10 @@ from torch import nn
 
 from vitsem.errors import RepairInputError
 
+__all__ = ["RepairOutcome", "RepairResult", "evaluate", "fit_balanced_head", "gap_closed",
+           "linear_head", "penultimate_features", "pseudo_groups", "repair_last_layer",
+           "with_head"]
+
 
 def linear_head(model: nn.Module) -> nn.Linear:
     """The model's classification head, refused unless it is one linear layer."""

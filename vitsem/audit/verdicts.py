@@ -20,6 +20,10 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["BLIND_SPOTS", "VERDICTS", "Carried", "Decision", "PatternKey", "ReviewDecision",
+           "Verdict", "VerdictInfo", "carry_review", "pattern_signature", "same_pattern",
+           "verdict_of"]
+
 
 class Verdict(StrEnum):
     SHORTCUT = "shortcut"
