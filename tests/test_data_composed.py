@@ -47,11 +47,15 @@ def test_the_cue_follows_rho_in_training_and_not_at_test_time(family: str) -> No
         assert all(s.group.endswith("bg-neutral") != s.shortcut for s in test)
 
 
-def test_control_plants_nothing() -> None:
-    for family in ("glyph", "background"):
-        spec = ComposedSpec(family=family, control=True)  # type: ignore[arg-type]
-        assert not any(render_composed(spec, split, i)[2].shortcut
-                       for split in ("train", "test") for i in range(50))
+def test_control_plants_no_correlated_cue() -> None:
+    spec = ComposedSpec(family="glyph", control=True)
+    assert not any(render_composed(spec, split, i)[2].shortcut
+                   for split in ("train", "test") for i in range(50))
+    spec = ComposedSpec(family="background", control=True, rho=0.99)
+    rows = [render_composed(spec, "train", i)[2] for i in range(600)]
+    cued = [s for s in rows if s.cue_class is not None]
+    assert len(cued) > 400  # photo backgrounds, as in the planted runs...
+    assert abs(np.mean([s.cue_class == s.label for s in cued]) - 1 / 3) < 0.06  # ...at random
 
 
 def test_a_written_benchmark_loads_with_three_splits(tmp_path: Path) -> None:

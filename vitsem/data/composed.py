@@ -15,10 +15,11 @@ Two families of cue:
   of a given size, in a corner or at a random place, present with class ``shortcut_class``
   with probability ``rho`` in training and ``val``, half of the time at test time.
 
-``control=True`` plants no cue at all. Masks (the digit), groups and the cue's pixels are
-written for scoring only; the audit never reads them unless a user passes masks. Written in
-the layout of :class:`vitsem.data.shortcut.ShortcutDataset` (``dataset.json`` +
-``manifest.jsonl``), with splits ``train``, ``val`` and ``test``.
+``control=True`` plants no correlated cue: no glyph, or backgrounds of every family drawn
+independently of the class (with the neutral share as usual). Masks (the digit), groups
+and the cue's pixels are written for scoring only; the audit never reads them unless a
+user passes masks. Written in the layout of :class:`vitsem.data.shortcut.ShortcutDataset`
+(``dataset.json`` + ``manifest.jsonl``), with splits ``train``, ``val`` and ``test``.
 """
 
 from __future__ import annotations
@@ -212,7 +213,10 @@ def render_composed(spec: ComposedSpec, split: str, index: int
     rng = np.random.default_rng([spec.seed, COMPOSED_SPLITS.index(split), index, 7])
     s = spec.image_size
     label = int(rng.integers(spec.num_classes))
-    cue = None if spec.control else _cue(spec, split, label, rng)
+    cue = _cue(spec, split, label, rng)
+    if spec.control:  # no correlation: no glyph, or a background family drawn at random
+        cue = None if spec.family == "glyph" or cue is None else int(
+            rng.integers(spec.num_classes))
     families = list(BACKGROUNDS)
     if spec.family == "background" and cue is not None:
         img = _photo_background(families[cue], s, rng)
