@@ -40,9 +40,13 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [json.loads(line) for f in sorted(args.out.glob("results-*.jsonl"))
             for line in f.read_text().splitlines()]
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    path = args.out / "rescored.json"
+    out: dict[str, dict[str, dict[str, float | None]]] = (
+        json.loads(path.read_text()) if path.exists() else {})
     for r in rows:
         s = r["setting"]
+        if json.dumps(s, sort_keys=True) in out:
+            continue
         root = args.out / "work" / "-".join(str(v) for v in s.values())
         net, _ = load_model(None, root / "model.safetensors")
         view = ModelView.from_model(net)
@@ -69,7 +73,7 @@ def main() -> None:
                 "loc_auroc": float(np.nanmean(auc)) if np.isfinite(auc).any() else None,
                 "pointing": float(np.nanmean(hit)) if np.isfinite(hit).any() else None}
         print(s, {k: v["pointing"] for k, v in out[key].items()}, flush=True)
-    (args.out / "rescored.json").write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
