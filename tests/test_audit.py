@@ -21,13 +21,14 @@ from vitsem.audit.pipeline import (
     group_accuracy,
     prompt_outcome,
 )
+from vitsem.audit.verdicts import Verdict
 from vitsem.data.inputs import labelled_images
 from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
 from vitsem.data.train import TrainConfig, predict, train_classifier
 from vitsem.errors import AuditInputError
 from vitsem.method.attention import token_layout
 from vitsem.method.keypoints import detect_sift
-from vitsem.method.models import load_model
+from vitsem.method.models import load_model, save_checkpoint
 from vitsem.method.view import ModelView
 from vitsem.render.audit_report import write_report
 
@@ -155,10 +156,8 @@ def test_audit_finds_confirms_and_prompts_away_the_planted_shortcut(
     assert top.causal.effect - top.causal.random_effect > 0.2 and top.causal.p_value < 1e-3
     assert auroc(result.maps["semantic"].reliance, ~bench.data.clean) > 0.95
     assert not result.maps["random"].shortcuts
-    # The unprompted outcome is the model's own accuracy.
-    x = view.to_tensor(bench.data.views)
-    own = (predict(net, x).numpy() == bench.data.labels).mean()
-    assert result.prompts["none"].accuracy == pytest.approx(own)
+    own = (predict(net, view.to_tensor(bench.data.views)).numpy() == bench.data.labels).mean()
+    assert result.prompts["none"].accuracy == pytest.approx(own)  # the model's own accuracy
     # Removing the glyph's tokens helps the glyph groups the shortcut misleads, and leaves
     # glyph-free images alone.
     before, after = result.prompts["none"], result.prompts["drop:semantic"]
@@ -171,9 +170,73 @@ def test_audit_finds_confirms_and_prompts_away_the_planted_shortcut(
     assert {"report.html", "audit.json", "images.jsonl", "prompting.png"} <= names
     assert any(n.startswith("finding_semantic_") for n in names)
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "confirmed shortcut" in html and "finding_semantic_1.png" in html
+    assert "<b>shortcut</b>" in html and "finding_semantic_1.png" in html
+    assert "What this method cannot see" in html and "faithfulness.png" in html
     doc = json.loads((tmp_path / "report" / "audit.json").read_text())
     assert doc["findings"]["semantic"][0]["shortcut"] is True
+    assert doc["findings"]["semantic"][0]["verdict"] == "shortcut"
+    assert set(doc["faithfulness"]) == {"semantic", "cls_last", "random"}
+    assert doc["repairs"] == {}  # no held-out data given
+    # The semantic map ranks the tokens the model uses before the random map does.
+    assert doc["faithfulness"]["semantic"]["abpc"] > doc["faithfulness"]["random"]["abpc"]
+
+
+def test_audit_without_masks_reviews_and_repairs_from_its_findings(
+        shortcut_data: Path, shortcut_model: Path, tmp_path: Path) -> None:
+    """No object masks: the glyph is 'relied on — review'. Half of the decorrelated split is
+    held out for the last-layer repair, whose pseudo-groups come from the finding."""
+    net, spec = load_model(None, shortcut_model)
+    view = ModelView.from_model(net)
+    bench = load_benchmark(shortcut_data, "test", view, token_layout(net, view.hw).grid)
+    d = bench.data
+    half = len(d) // 2
+
+    def part(sl: slice) -> AuditData:
+        return AuditData(d.views[sl], d.keypoints[sl], d.labels[sl], d.class_names,
+                         (d.groups or [])[sl], None, d.clean[sl] if d.clean is not None
+                         else None, (d.names or [])[sl])
+
+    cfg = AuditConfig(maps=("semantic",), faithfulness_images=32)
+    result = audit(net, view, part(slice(0, half)), cfg, heldout=part(slice(half, None)))
+    top = result.maps["semantic"].top
+    assert top is not None and top.verdict is Verdict.REVIEW and not top.shortcut
+    assert top.summary()["patches_per_image"] >= top.summary()["seed_patches_per_image"]
+    assert set(result.repairs) == {"none", "dfr:pseudo", "dfr:class", "dfr:oracle"}
+    floor, pseudo = result.repairs["none"], result.repairs["dfr:pseudo"]
+    assert pseudo.worst_group_accuracy > floor.worst_group_accuracy
+    assert np.isfinite(pseudo.gap_closed)
+    # The repaired model is a normal timm model: saved and loaded like any checkpoint.
+    again, _ = load_model(None, save_checkpoint(result.repaired_models["dfr:pseudo"], spec,
+                                                tmp_path / "rep.safetensors"))
+    pred = predict(again, view.to_tensor(d.views[:half])).numpy()
+    assert (pred == d.labels[:half]).mean() == pytest.approx(pseudo.accuracy)
+    files = write_report(result, part(slice(0, half)), tmp_path / "r", {})
+    assert "relied on — review" in files[-1].read_text() and "repairs.png" in {
+        f.name for f in files}
+    doc = json.loads((tmp_path / "r" / "audit.json").read_text())
+    assert doc["repairs"]["dfr:pseudo"]["gap_closed"] == pytest.approx(pseudo.gap_closed)
+    # Re-audit the repaired model: the glyph's removal hurts it less than it hurt the floor.
+    again = audit(again, view, part(slice(0, half)), cfg)
+    assert again.prompts["none"].accuracy == pytest.approx(pseudo.accuracy)
+    after = again.maps["semantic"].top
+    before = top.causal.effect - top.causal.random_effect
+    assert after is None or after.causal.effect - after.causal.random_effect < before
+    assert doc["findings"]["semantic"][0]["verdict_label"] == "relied on — review"
+
+
+def test_repair_with_an_empty_group_keeps_the_audit(shortcut_data: Path,
+                                                    shortcut_model: Path) -> None:
+    """Held-out images all of glyph groups: nothing to balance; the audit stays, with why."""
+    net, _ = load_model(None, shortcut_model)
+    view = ModelView.from_model(net)
+    d = load_benchmark(shortcut_data, "test", view, token_layout(net, view.hw).grid).data
+    glyph = ~np.asarray(d.clean)
+    held = AuditData(d.views[glyph], [k for k, g in zip(d.keypoints, glyph, strict=True) if g],
+                     d.labels[glyph], d.class_names)
+    result = audit(net, view, d, AuditConfig(maps=("semantic",), faithfulness_images=0),
+                   heldout=held)
+    assert result.maps["semantic"].relied and result.repairs == {}
+    assert any("repair skipped" in n and "hold no image" in n for n in result.notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +372,6 @@ def test_audit_flow_errors_are_clear_and_recorded(
             "SELECT status FROM flow_runs WHERE flow_name = 'spurious_audit'")).scalars().all()
     eng.dispose()
     assert statuses == ["failed", "failed"]
-
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -70,6 +70,11 @@ class AuditInputError(VitsemError):
     """Data or a model the spurious-correlation audit cannot answer for."""
 
 
+class RepairInputError(AuditInputError):
+    """Held-out data or a model the last-layer repair cannot use (a group without images,
+    too few images, no linear head)."""
+
+
 class PretrainInputError(VitsemError, ValueError):
     """Pre-training data or settings that cannot work (a keypoint grid that does not match
     the encoder, say)."""

@@ -38,14 +38,25 @@ def box_mask(box: Sequence[int] | None, hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _cue_pixels(sample: Sample, object_mask: np.ndarray, hw: tuple[int, int],
+                view: ModelView) -> np.ndarray:
+    """(H, W) bool in the model view: the pixels of the image's spurious cue (the glyph's
+    box, or the background outside the object); all False without a cue."""
+    if sample.cue == "background":
+        return ~object_mask
+    return view_mask(box_mask(sample.glyph_box, hw), view)
+
+
 @dataclass
 class BenchmarkAudit:
     """A benchmark split ready to audit, with ``truth`` (B, N): the share of each patch the
-    planted glyph covers."""
+    spurious cue covers, and ``cue_class`` (B,): the class the cue points to (-1: no cue).
+    Both are for scoring only."""
 
     data: AuditData
     samples: list[Sample]
     truth: np.ndarray
+    cue_class: np.ndarray
 
 
 def _load_one(job: tuple[str, str, ModelView, SiftParams]) -> tuple[np.ndarray, np.ndarray,
@@ -65,24 +76,57 @@ def load_benchmark(root: str | Path, split: str, view: ModelView, grid: TokenGri
                   list(parallel_map(_load_one, jobs, workers, chunksize=32)))
     views = np.stack([v for v, _, _ in loaded])
     hw = (ds.spec.image_size, ds.spec.image_size)
-    truth = np.stack([patch_coverage(view_mask(box_mask(s.glyph_box, hw), view), grid)
-                      for s in samples])
+    masks = np.stack([m for _, m, _ in loaded])
+    truth = np.stack([patch_coverage(_cue_pixels(s, m, hw, view), grid)
+                      for s, m in zip(samples, masks, strict=True)])
     data = AuditData(
         views=views, keypoints=[k for _, _, k in loaded],
         labels=np.array([s.label for s in samples], np.int64), class_names=ds.class_names,
-        groups=[s.group for s in samples], masks=np.stack([m for _, m, _ in loaded]),
+        groups=[s.group for s in samples], masks=masks,
         clean=np.array([not s.shortcut for s in samples]), names=[s.file for s in samples])
-    return BenchmarkAudit(data, samples, truth)
+    cue_class = np.array([s.cue_class if s.cue_class is not None else
+                          ds.spec.shortcut_class if s.glyph_box is not None else -1
+                          for s in samples])
+    return BenchmarkAudit(data, samples, truth, cue_class)
+
+
+def _near(cue: np.ndarray, grid_hw: tuple[int, int] | None) -> np.ndarray:
+    """(B, N) cue patches and their 8 neighbours: a cue rarely sits on patch borders, so a
+    finding that covers it also marks the patches it overlaps by a few pixels."""
+    from vitsem.audit.discovery import dilate
+
+    n = cue.shape[1]
+    if grid_hw is None:
+        side = round(float(np.sqrt(n)))
+        grid_hw = (side, n // side)
+    return dilate(cue, grid_hw)
+
+
+def is_planted_cue(finding: Finding, truth: np.ndarray, cue_class: np.ndarray,
+                   min_precision: float = 0.5, min_recall: float = 0.5,
+                   grid_hw: tuple[int, int] | None = None) -> bool:
+    """A finding is the planted cue when, over the images it marks, at least
+    ``min_precision`` of its patches are on or next to a patch (>= 25%) covered by a cue
+    that points to the finding's class, and it marks at least ``min_recall`` of those cue
+    patches (a finding that sits on a corner of the cue does not cover what the model
+    uses)."""
+    marked = finding.patches
+    rows = marked.any(1)
+    if not rows.any():
+        return False
+    cue = (truth >= 0.25) & (np.asarray(cue_class) == finding.cls)[:, None]
+    precision = float(_near(cue, grid_hw)[marked].mean())
+    on_cue = cue[rows]
+    recall = float(marked[rows][on_cue].mean()) if on_cue.any() else 0.0
+    return precision >= min_precision and recall >= min_recall
 
 
 def is_planted(finding: Finding, truth: np.ndarray, shortcut_class: int,
-               min_precision: float = 0.5) -> bool:
-    """A finding is the planted shortcut when it belongs to the shortcut class and at least
-    ``min_precision`` of the patches it marks are (partly, >= 25%) glyph patches."""
-    marked = finding.patches
-    if finding.cls != shortcut_class or not marked.any():
-        return False
-    return float((truth[marked] >= 0.25).mean()) >= min_precision
+               min_precision: float = 0.5, min_recall: float = 0.5) -> bool:
+    """:func:`is_planted_cue` for a glyph that points to ``shortcut_class`` wherever it is
+    (``truth`` > 0)."""
+    cue_class = np.where((truth >= 0.25).any(1), shortcut_class, -1)
+    return is_planted_cue(finding, truth, cue_class, min_precision, min_recall)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -41,6 +41,24 @@ def matched_random_drop(candidate: torch.Tensor, generator: torch.Generator) -> 
 
 
 @torch.no_grad()
+def removal_effects(predict: Predictor, x: torch.Tensor, target: torch.Tensor,
+                    candidate: torch.Tensor, trials: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (B,): the drop of the target probability when ``candidate`` (B, N) is
+    removed, and the mean drop over ``trials`` matched random removals."""
+
+    def prob(drop: torch.Tensor) -> torch.Tensor:
+        logits = predict(x, drop)
+        return logits.softmax(-1).gather(1, target[:, None].to(logits.device))[:, 0].cpu()
+
+    base = prob(torch.zeros_like(candidate))
+    with_candidate = base - prob(candidate)
+    random = torch.stack([base - prob(matched_random_drop(candidate, generator))
+                          for _ in range(trials)]).mean(0)
+    return with_candidate, random
+
+
+@torch.no_grad()
 def causal_check(predict: Predictor, x: torch.Tensor, target: torch.Tensor,
                  candidate: torch.Tensor, *, trials: int = 5, seed: int = 0,
                  alpha: float = 0.05, min_effect: float = 0.05) -> CausalResult:
@@ -50,16 +68,8 @@ def causal_check(predict: Predictor, x: torch.Tensor, target: torch.Tensor,
     if not bool(rows.any()):
         return CausalResult(float("nan"), float("nan"), float("nan"), 0, False)
     x, target, candidate = x[rows], target[rows], candidate[rows]
-
-    def prob(drop: torch.Tensor) -> torch.Tensor:
-        logits = predict(x, drop)
-        return logits.softmax(-1).gather(1, target[:, None].to(logits.device))[:, 0].cpu()
-
-    base = prob(torch.zeros_like(candidate))
-    with_candidate = base - prob(candidate)
     g = torch.Generator().manual_seed(seed)
-    random = torch.stack([base - prob(matched_random_drop(candidate, g))
-                          for _ in range(trials)]).mean(0)
+    with_candidate, random = removal_effects(predict, x, target, candidate, trials, g)
     diff = (with_candidate - random).numpy().astype(np.float64)
     if np.allclose(diff, 0):
         p = 1.0

@@ -90,7 +90,7 @@ def _flatten(descriptors: Sequence[np.ndarray], patches: Sequence[np.ndarray]
     return desc, img, patch
 
 
-def _dilate(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+def dilate(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """(B, N) patch masks grown by one patch in all 8 directions on the (gh, gw) grid."""
     gh, gw = grid_hw
     m = np.pad(mask.reshape(-1, gh, gw), ((0, 0), (1, 1), (1, 1)))
@@ -111,7 +111,7 @@ def _same_pattern(a: np.ndarray, b: np.ndarray, grid_hw: tuple[int, int],
     both = ia & ib
     if not union or both.sum() / union < overlap:
         return False
-    touching = (_dilate(a[both], grid_hw) & b[both]).any(1)
+    touching = (dilate(a[both], grid_hw) & b[both]).any(1)
     return bool(touching.mean() >= 0.5)
 
 
@@ -196,3 +196,12 @@ def candidate_patches(candidate: Candidate, descriptors: Sequence[np.ndarray],
     desc, img, patch = _flatten(descriptors, keypoint_patches)
     return _match_mask(desc, img, patch, candidate.centroids, candidate.radii,
                        (len(descriptors), num_patches))
+
+
+def match_patches(centroids: np.ndarray, radii: np.ndarray, descriptors: Sequence[np.ndarray],
+                  keypoint_patches: Sequence[np.ndarray], num_patches: int) -> np.ndarray:
+    """(B, N) bool: the patches holding a keypoint within ``radii`` (K,) of any of a
+    pattern's ``centroids`` (K, 128), in images other than those it was found on."""
+    desc, img, patch = _flatten(descriptors, keypoint_patches)
+    return _match_mask(desc, img, patch, np.asarray(centroids, np.float32),
+                       np.asarray(radii, np.float64), (len(descriptors), num_patches))

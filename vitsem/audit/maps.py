@@ -8,10 +8,13 @@ method's own map reads ``semantic``; the baselines ignore it, so one harness run
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from vitsem.audit.tokens import predict_leave_one_out
+from vitsem.errors import UnsupportedModelError
 from vitsem.method.attention import AttentionBlock, attention_modules, capture_attention
 
 
@@ -107,6 +110,73 @@ def gradcam_tokens(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | N
     return _normalise(torch.relu((weights * act).sum(-1)))
 
 
+def _target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    return logits.argmax(-1) if target is None else target.to(logits.device)
+
+
+def generic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None,
+                      target: torch.Tensor | None = None) -> torch.Tensor:
+    """Generic Attention-model Explainability (Chefer, Gur & Wolf, ICCV 2021), the
+    gradient-weighted rollout for self-attention: R = I (B, T, T); per block in depth order
+    R += mean_h[(dA * A)^+] @ R, where dA is the gradient of the target logit (default: the
+    predicted class) with respect to that block's softmax attention A (B, H, T, T). The CLS
+    row of R over patches.
+
+    The attention must be part of the graph, so the blocks run timm's explicit (unfused)
+    path for this call; the fused setting is restored afterwards."""
+    mods: list[Any] = attention_modules(model)
+    if not all(hasattr(m, "attn_drop") and hasattr(m, "fused_attn") for m in mods):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: attention modules without attn_drop/fused_attn; the "
+            "gradient-weighted rollout needs timm's Attention")
+    p = _prefix(model)
+    attns: list[torch.Tensor] = []
+    # attn_drop sees the softmax attention of the explicit path: the tensor to differentiate.
+    handles = [m.attn_drop.register_forward_hook(lambda _m, _i, out: attns.append(out))
+               for m in mods]
+    fused = [bool(m.fused_attn) for m in mods]
+    try:
+        for m in mods:
+            m.fused_attn = False
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))
+            score = logits.gather(1, _target(logits, target)[:, None]).sum()
+            grads = torch.autograd.grad(score, attns)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in zip(mods, fused, strict=True):
+            m.fused_attn = f
+    b, _h, t, _ = attns[0].shape
+    r = torch.eye(t, device=x.device).expand(b, t, t)
+    for a, g in zip(attns, grads, strict=True):
+        cam = (g * a.detach()).clamp_min(0).mean(1)
+        r = r + cam @ r
+    return _normalise(r[:, 0, p:].detach())
+
+
+@torch.no_grad()
+def occlusion_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None,
+                  target: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Leave-one-out token occlusion: the drop of the target probability (default: the
+    predicted class) when patch i alone is removed from the token sequence (true removal,
+    :func:`vitsem.audit.tokens.predict_leave_one_out`). N shortened sequences per image,
+    batched as (B * N) rows in chunks of about ``chunk`` rows."""
+    b = len(x)
+    n = token_count(model, x)
+    base = model(x).softmax(-1)
+    cls = _target(base, target)
+    p_full = base.gather(1, cls[:, None])[:, 0]
+    per = max(1, chunk // n)  # images per chunk
+    out = []
+    for i in range(0, b, per):
+        probs = predict_leave_one_out(model, x[i:i + per]).softmax(-1)  # (k, N, C)
+        k = len(probs)
+        idx = cls[i:i + k, None, None].expand(k, n, 1)
+        out.append(p_full[i:i + k, None] - probs.gather(2, idx)[..., 0])
+    return _normalise(torch.cat(out))
+
+
 def random_map(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | None = None
                ) -> torch.Tensor:
     """Uniform random scores per patch: the chance baseline, seeded by the batch's pixels so a
@@ -130,6 +200,8 @@ MAPS: dict[str, AttributionMap] = {
     "cls_last": cls_attention_last,
     "rollout": attention_rollout,
     "gradcam": gradcam_tokens,
+    "gae": generic_attention,
+    "occlusion": occlusion_map,
     "random": random_map,
 }
 """Registry of attribution maps by name."""

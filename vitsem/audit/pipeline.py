@@ -1,36 +1,62 @@
 """The spurious-correlation audit on arrays (METHOD.md §3), one harness for every map.
 
 For each attribution map (the method's ``semantic`` map and the baselines): discover
-recurring keypoint patterns in the most-attributed patches per predicted class, confirm the
-top candidates by removing their tokens against matched random removals, score each image's
-reliance on the top candidate, and prompt the model by removing the confirmed shortcut's
-tokens. Storage and orchestration live elsewhere; this module sees arrays and a model.
+recurring keypoint patterns in the most-attributed patches per predicted class, grow each
+candidate's patch set until removing it no longer hurts more (:mod:`vitsem.audit.grow`),
+confirm it by removing its tokens against matched random removals, score each image's
+reliance on the top finding, measure the map's faithfulness (deletion curves, ABPC), and
+prompt the model by removing the relied-on findings' tokens. Given held-out labelled data,
+the findings become pseudo-groups for a last-layer repair (:mod:`vitsem.audit.repair`).
+Storage and orchestration live elsewhere; this module sees arrays and a model.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from vitsem.audit.causal import CausalResult, causal_check, matched_random_drop
-from vitsem.audit.discovery import Candidate, discover_candidates
+from vitsem.audit.causal import CausalResult, causal_check
+from vitsem.audit.discovery import Candidate, discover_candidates, match_patches
+from vitsem.audit.faithfulness import faithfulness
+from vitsem.audit.grow import grow_candidate
 from vitsem.audit.maps import MAPS
+from vitsem.audit.prompting import (
+    group_accuracy,
+    keep_top_k,
+    matched_random,
+    prompt_outcome,
+    safe_removal,
+)
+from vitsem.audit.repair import repair_last_layer
+from vitsem.audit.results import (
+    METHOD,
+    AuditData,
+    AuditResult,
+    Finding,
+    MapAudit,
+    PromptOutcome,
+)
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_without
-from vitsem.errors import AuditInputError
+from vitsem.audit.verdicts import verdict_of
+from vitsem.errors import AuditInputError, RepairInputError
 from vitsem.method.attention import token_layout
 from vitsem.method.concentration import TokenGrid, concentration, patch_weights
 from vitsem.method.keypoints import Keypoints
 from vitsem.method.view import ModelView
 
-METHOD = "semantic"
-"""The method's own map; every other entry of ``MAPS`` is a baseline."""
+__all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
+           "PromptOutcome", "audit", "check_audit_data", "group_accuracy", "prompt_outcome"]
+
+_keep_top_k = keep_top_k  # the name tests and callers used before the split
+
+DEFAULT_MAPS = tuple(m for m in MAPS if m != "occlusion")
+"""Every map but leave-one-out occlusion, which costs N forwards per image; ask for it."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +66,13 @@ class AuditConfig:
     significance and minimum probability drop (beyond random) that confirm a candidate;
     ``on_object_limit``: a confirmed candidate whose patches the object covers at least this
     much is the object itself, not a shortcut (needs masks); ``keep_fraction``: patches kept
-    by the keep-top-k prompt."""
+    by the keep-top-k prompt; ``grow``/``grow_rings``: grow candidates' patch sets (see
+    :mod:`vitsem.audit.grow`); ``faithfulness_images``/``faithfulness_steps``: images (a
+    seeded sample) and removal fractions of the deletion curves (0 images: skip);
+    ``repair_min_images``/``repair_min_per_group``: the least held-out data the repair
+    accepts."""
 
-    maps: tuple[str, ...] = tuple(MAPS)
+    maps: tuple[str, ...] = DEFAULT_MAPS
     weighting: str = "count"
     top_fraction: float = 0.1
     eps_factor: float = 0.3
@@ -55,6 +85,13 @@ class AuditConfig:
     on_object_limit: float = 0.5
     keep_fraction: float = 0.5
     batch_size: int = 64
+    grow: bool = True
+    grow_rings: int = 2
+    grow_trials: int = 2
+    faithfulness_images: int = 128
+    faithfulness_steps: int = 8
+    repair_min_images: int = 20
+    repair_min_per_group: int = 2
     seed: int = 0
 
     def validate(self) -> None:
@@ -66,166 +103,12 @@ class AuditConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
-        if self.max_checked < 1 or self.causal_trials < 1 or self.batch_size < 1:
-            raise ValueError("max_checked, causal_trials and batch_size must be >= 1")
-
-
-@dataclass
-class AuditData:
-    """What is audited. ``views`` (B, H, W, 3) uint8 model views; ``keypoints`` with SIFT
-    descriptors; ``labels`` (B,) indices into ``class_names`` (the model's classes);
-    optional ``groups`` (B,) names (default: the class), object ``masks`` (B, H, W) in view
-    pixels, ``clean`` (B,) bool for images known to hold no shortcut, and file ``names``."""
-
-    views: np.ndarray
-    keypoints: Sequence[Keypoints]
-    labels: np.ndarray
-    class_names: list[str]
-    groups: list[str] | None = None
-    masks: np.ndarray | None = None
-    clean: np.ndarray | None = None
-    names: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A candidate shortcut of one map, with its causal check. ``on_object``: mean object
-    coverage of its patches (NaN without masks); ``shortcut``: confirmed and off the object;
-    ``confidence``: 1 - p of the causal test (0 when untested)."""
-
-    rank: int
-    cls: int
-    class_name: str
-    images: int
-    recurrence: float
-    other_rate: float
-    attention_lift: float
-    on_object: float
-    causal: CausalResult
-    shortcut: bool
-    patches: np.ndarray = field(repr=False, compare=False)
-
-    @property
-    def confidence(self) -> float:
-        p = self.causal.p_value
-        return 0.0 if math.isnan(p) else 1.0 - p
-
-    def summary(self) -> dict[str, Any]:
-        return {"rank": self.rank, "class": self.cls, "class_name": self.class_name,
-                "images": self.images, "recurrence": self.recurrence,
-                "other_rate": self.other_rate, "attention_lift": self.attention_lift,
-                "on_object": self.on_object, "confirmed": self.causal.confirmed,
-                "shortcut": self.shortcut, "confidence": self.confidence,
-                "effect": self.causal.effect, "random_effect": self.causal.random_effect,
-                "p_value": self.causal.p_value, "checked_images": self.causal.images,
-                "patches_per_image": float(self.patches.sum(1)[self.patches.any(1)].mean())
-                if self.patches.any() else 0.0}
-
-
-@dataclass(frozen=True)
-class PromptOutcome:
-    """Accuracy of a prompt (a set of removed patches per image) on the audited data.
-    ``clean_accuracy``: on images known to hold no shortcut (None when unknown);
-    ``changed``: share of predictions that differ from the unprompted model."""
-
-    accuracy: float
-    worst_group_accuracy: float
-    worst_group: str
-    group_accuracy: dict[str, float]
-    clean_accuracy: float | None
-    removed_per_image: float
-    changed: float
-
-
-@dataclass
-class MapAudit:
-    """One map's findings (best first), per-image reliance on its top finding (B,) and the
-    off-object share of the map (B,; NaN without masks)."""
-
-    map: str
-    findings: list[Finding]
-    reliance: np.ndarray
-    off_object: np.ndarray
-    attribution: np.ndarray = field(repr=False)
-
-    @property
-    def top(self) -> Finding | None:
-        return self.findings[0] if self.findings else None
-
-    @property
-    def shortcuts(self) -> list[Finding]:
-        return [f for f in self.findings if f.shortcut]
-
-
-@dataclass
-class AuditResult:
-    """Everything the audit found. ``prompts`` maps a prompt name to its outcome: ``none``
-    (the model as is), ``drop:<map>`` (the map's confirmed shortcuts removed), ``random``
-    (as many random patches removed as ``drop:semantic``), ``keep_top_k`` (only the most
-    semantic patches kept). ``status`` is ``ok`` or ``nothing_to_report`` with ``notes``."""
-
-    class_names: list[str]
-    grid: TokenGrid
-    labels: np.ndarray
-    predicted: np.ndarray
-    groups: list[str]
-    maps: dict[str, MapAudit]
-    prompts: dict[str, PromptOutcome]
-    status: str = "ok"
-    notes: list[str] = field(default_factory=list)
-    semantic_weights: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.labels)
-
-    def class_table(self) -> list[dict[str, Any]]:
-        """Per true class: images, accuracy, share predicted, mean reliance and off-object
-        share of the method's map."""
-        rows = []
-        method = self.maps.get(METHOD)
-        for c, name in enumerate(self.class_names):
-            sel = self.labels == c
-            if not sel.any():
-                continue
-            row: dict[str, Any] = {
-                "class": name, "images": int(sel.sum()),
-                "accuracy": float((self.predicted[sel] == c).mean()),
-                "predicted_share": float((self.predicted == c).mean())}
-            if method is not None:
-                row["reliance"] = float(method.reliance[sel].mean())
-                off = method.off_object[sel]
-                row["off_object"] = float(np.nanmean(off)) if np.isfinite(off).any() else None
-            rows.append(row)
-        return rows
-
-    def image_rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """One row per image: label, prediction, group and each map's scores."""
-        rows = []
-        for i in range(self.num_images):
-            row: dict[str, Any] = {
-                "image": names[i] if names is not None else str(i),
-                "label": self.class_names[int(self.labels[i])],
-                "predicted": self.class_names[int(self.predicted[i])],
-                "group": self.groups[i]}
-            for name, m in self.maps.items():
-                row[f"reliance.{name}"] = float(m.reliance[i])
-                row[f"off_object.{name}"] = float(m.off_object[i])
-            rows.append(row)
-        return rows
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able summary (no per-image arrays)."""
-        return {
-            "status": self.status, "notes": self.notes, "images": self.num_images,
-            "class_names": self.class_names, "grid": list(self.grid.grid_hw),
-            "classes": self.class_table(),
-            "findings": {k: [f.summary() for f in m.findings] for k, m in self.maps.items()},
-            "prompts": {k: asdict(v) for k, v in self.prompts.items()},
-        }
+        if min(self.max_checked, self.causal_trials, self.batch_size, self.grow_trials) < 1:
+            raise ValueError("max_checked, causal_trials, grow_trials and batch_size must be "
+                             ">= 1")
+        if self.faithfulness_steps < 2 or self.faithfulness_images < 0 or self.grow_rings < 0:
+            raise ValueError("faithfulness_steps must be >= 2, faithfulness_images and "
+                             "grow_rings >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,53 +160,12 @@ def _keypoint_arrays(keypoints: Sequence[Keypoints], grid: TokenGrid
         patches.append(idx[inside])
     return desc, patches
 
-
-def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: Sequence[str]
-                   ) -> dict[str, float]:
-    correct = pred == labels
-    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(inverse, weights=correct, minlength=len(names))
-    counts = np.bincount(inverse, minlength=len(names))
-    return {str(n): float(s / c) for n, s, c in zip(names, sums, counts, strict=True)}
-
-
-def prompt_outcome(pred: np.ndarray, base: np.ndarray, labels: np.ndarray,
-                   groups: Sequence[str], clean: np.ndarray | None, removed: np.ndarray
-                   ) -> PromptOutcome:
-    groups_acc = group_accuracy(pred, labels, groups)
-    worst = min(groups_acc, key=lambda g: groups_acc[g])
-    clean_acc = (float((pred[clean] == labels[clean]).mean())
-                 if clean is not None and clean.any() else None)
-    return PromptOutcome(float((pred == labels).mean()), groups_acc[worst], worst, groups_acc,
-                         clean_acc, float(removed.sum(1).mean()), float((pred != base).mean()))
-
-
-def _keep_top_k(weights: np.ndarray, keep: int) -> np.ndarray:
-    """(B, N) bool removal mask that keeps each image's ``keep`` most semantic patches;
-    images without keypoints keep everything."""
-    b, n = weights.shape
-    order = np.argsort(-weights, axis=1, kind="stable")
-    drop = np.ones((b, n), bool)
-    np.put_along_axis(drop, order[:, :keep], False, 1)
-    drop[weights.sum(1) == 0] = False
-    return drop
-
-
-def _matched_random(removed: np.ndarray, seed: int) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    return matched_random_drop(torch.from_numpy(removed), g).numpy()
-
-
-def _safe_removal(drop: np.ndarray) -> np.ndarray:
-    """Never remove every patch of an image: such rows keep all patches instead."""
-    out = drop.copy()
-    out[out.all(1)] = False
-    return out
-
-
-def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig = AuditConfig()
-          ) -> AuditResult:
-    """Run the audit of ``model`` on ``data`` with every map in ``cfg.maps``."""
+def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig = AuditConfig(),
+          *, heldout: AuditData | None = None) -> AuditResult:
+    """Run the audit of ``model`` on ``data`` with every map in ``cfg.maps``. With
+    ``heldout`` labelled images (not used in training), the method's relied-on findings are
+    turned into pseudo-groups for a last-layer repair, evaluated on ``data``; ``heldout``'s
+    own ``groups``, when given, serve as the oracle."""
     cfg.validate()
     model.eval()
     num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -339,14 +181,15 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     base = predict(x, torch.from_numpy(none)).argmax(-1).numpy()
 
     def outcome(drop: np.ndarray) -> PromptOutcome:
-        drop = _safe_removal(drop)
+        drop = safe_removal(drop)
         pred = base if not drop.any() else predict(x, torch.from_numpy(drop)).argmax(-1).numpy()
         return prompt_outcome(pred, base, labels, groups, data.clean, drop)
 
     conc = np.stack([concentration(k, grid, cfg.weighting) for k in data.keypoints])
     weights = patch_weights(conc)
     result = AuditResult(data.class_names, grid, labels, base, groups, {},
-                         {"none": outcome(none)}, semantic_weights=weights)
+                         {"none": outcome(none)}, semantic_weights=weights,
+                         masks_given=data.masks is not None)
     desc, kp_patches = _keypoint_arrays(data.keypoints, grid)
     if sum(len(d) for d in desc) == 0:
         result.status = "nothing_to_report"
@@ -357,20 +200,67 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     coverage = None
     if data.masks is not None:
         coverage = np.stack([patch_coverage(m > 0, grid) for m in data.masks])
+    else:
+        result.notes.append(
+            "no object masks: a confirmed pattern is 'relied on — review', since the audit "
+            "cannot tell a shortcut from a legitimate part of the object without them")
     w_tensor = torch.from_numpy(weights).float()
+    sample = np.random.default_rng(cfg.seed).permutation(len(x))[:cfg.faithfulness_images]
     for name in cfg.maps:
-        result.maps[name] = _audit_map(name, model, x, w_tensor, base, desc, kp_patches,
-                                       coverage, weights, data.class_names, predict, cfg)
+        m = _audit_map(name, model, x, w_tensor, base, desc, kp_patches, coverage, weights,
+                       data.class_names, predict, cfg)
+        result.maps[name] = m
         result.prompts[f"drop:{name}"] = outcome(np.any(
-            [f.patches for f in result.maps[name].shortcuts] or [none], axis=0))
+            [f.patches for f in m.relied] or [none], axis=0))
+        if len(sample):
+            result.faithfulness[name] = faithfulness(
+                predict, x[torch.from_numpy(sample)], m.attribution[sample], base[sample],
+                steps=cfg.faithfulness_steps, seed=cfg.seed)
     ref = result.maps.get(METHOD) or next(iter(result.maps.values()))
-    removed = _safe_removal(np.any([f.patches for f in ref.shortcuts] or [none], axis=0))
-    result.prompts["random"] = outcome(_matched_random(removed, cfg.seed))
+    removed = safe_removal(np.any([f.patches for f in ref.relied] or [none], axis=0))
+    result.prompts["random"] = outcome(matched_random(removed, cfg.seed))
     keep = max(1, round(cfg.keep_fraction * n))
-    result.prompts["keep_top_k"] = outcome(_keep_top_k(weights, keep))
-    if not any(m.shortcuts for m in result.maps.values()):
-        result.notes.append("no candidate was confirmed as a shortcut by the causal check")
+    result.prompts["keep_top_k"] = outcome(keep_top_k(weights, keep))
+    if not any(m.relied for m in result.maps.values()):
+        result.notes.append("no candidate was confirmed by the causal check")
+    if heldout is not None:
+        _repair(model, view, grid, data, labels, groups, ref, heldout, result, cfg)
     return result
+
+
+def _repair(model: nn.Module, view: ModelView, grid: TokenGrid, data: AuditData,
+            labels: np.ndarray, groups: list[str], ref: MapAudit, heldout: AuditData,
+            result: AuditResult, cfg: AuditConfig) -> None:
+    """The last-layer repair from ``ref``'s relied-on findings; bad held-out data leaves the
+    audit as it is, with the reason in the notes."""
+    if not ref.relied:
+        result.notes.append(f"repair skipped: the {ref.map} map confirmed no pattern to "
+                            "build pseudo-groups from")
+        return
+    check_audit_data(heldout, len(data.class_names))
+    h_desc, h_patches = _keypoint_arrays(heldout.keypoints, grid)
+    present = np.zeros(len(heldout), bool)
+    for f in ref.relied:
+        present |= match_patches(f.centroids, f.radii, h_desc, h_patches, grid.num_patches
+                                 ).any(1)
+    try:
+        rep = repair_last_layer(
+            model, view.to_tensor(heldout.views), np.asarray(heldout.labels), present,
+            view.to_tensor(data.views), labels, groups, data.class_names,
+            held_true_groups=heldout.groups, min_images=cfg.repair_min_images,
+            min_per_group=cfg.repair_min_per_group, seed=cfg.seed)
+    except RepairInputError as e:
+        result.notes.append(f"repair skipped: {e}")
+        return
+    result.repairs = rep.outcomes
+    result.repaired_models = rep.models
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Patch overlap (B, N) of two findings over the images both mark."""
+    rows = a.any(1) & b.any(1)
+    union = int((a[rows] | b[rows]).sum())
+    return int((a[rows] & b[rows]).sum()) / union if union else 0.0
 
 
 def _attribution(name: str, model: nn.Module, x: torch.Tensor, weights: torch.Tensor,
@@ -390,28 +280,53 @@ def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
         desc, kp_patches, attribution, predicted, top_fraction=cfg.top_fraction,
         eps_factor=cfg.eps_factor, min_recurrence=cfg.min_recurrence,
         min_enrichment=cfg.min_enrichment, grid_hw=grid_hw)
-    checked: list[tuple[Candidate, np.ndarray, CausalResult, float]] = []
+    checked: list[tuple[Candidate, np.ndarray, CausalResult, float, int]] = []
     for cand in candidates[: cfg.max_checked]:
-        patches = cand.patches
-        rows = (predicted == cand.cls) & patches.any(1)
+        rows = (predicted == cand.cls) & cand.patches.any(1)
+        xr = x[torch.from_numpy(rows)]
         target = torch.full((int(rows.sum()),), cand.cls, dtype=torch.long)
-        causal = causal_check(predict, x[torch.from_numpy(rows)], target,
-                              torch.from_numpy(patches[rows]), trials=cfg.causal_trials,
-                              seed=cfg.seed, alpha=cfg.alpha, min_effect=cfg.min_effect)
+        patches, levels = cand.patches, 0
+        if cfg.grow:
+            growth = grow_candidate(predict, xr, target, cand.patches[rows], attribution[rows],
+                                    grid_hw, rings=cfg.grow_rings,
+                                    trials=cfg.grow_trials, seed=cfg.seed)
+            patches = cand.patches.copy()
+            patches[rows] = growth.patches
+            levels = growth.levels
+        causal = causal_check(predict, xr, target, torch.from_numpy(patches[rows]),
+                              trials=cfg.causal_trials, seed=cfg.seed, alpha=cfg.alpha,
+                              min_effect=cfg.min_effect)
         on_object = float(coverage[patches].mean()) if coverage is not None and patches.any() \
             else float("nan")
-        checked.append((cand, patches, causal, on_object))
+        checked.append((cand, patches, causal, on_object, levels))
 
-    def is_shortcut(causal: CausalResult, on_object: float) -> bool:
-        return causal.confirmed and not on_object >= cfg.on_object_limit  # NaN: unknown
+    def verdict(causal: CausalResult, on_object: float) -> Any:
+        return verdict_of(causal.confirmed, on_object, cfg.on_object_limit)
 
-    # Confirmed shortcuts first (largest effect beyond random), then the rest by score.
-    checked.sort(key=lambda t: (not is_shortcut(t[2], t[3]), not t[2].confirmed,
-                                -(t[2].effect - t[2].random_effect) if t[2].confirmed
-                                else -t[0].score))
-    findings = [Finding(rank, c.cls, class_names[c.cls], c.images, c.recurrence, c.other_rate,
-                        c.attention_lift, on_obj, causal, is_shortcut(causal, on_obj), patches)
-                for rank, (c, patches, causal, on_obj) in enumerate(checked, 1)]
+    def order(t: tuple[Candidate, np.ndarray, CausalResult, float, int]) -> tuple[Any, ...]:
+        cand, _, causal, on_obj, _ = t
+        v = verdict(causal, on_obj)
+        relied = v.value in ("shortcut", "review")
+        # Relied-on findings first (largest effect beyond random), then the rest by score.
+        return (not relied, not causal.confirmed,
+                -(causal.effect - causal.random_effect) if causal.confirmed else -cand.score)
+
+    checked.sort(key=order)
+    findings: list[Finding] = []
+    for c, patches, causal, on_obj, levels in checked:
+        same = next((i for i, f in enumerate(findings) if f.cls == c.cls
+                     and _jaccard(f.patches, patches) >= 0.5), None)
+        if same is not None:  # grown onto the same pattern: one finding, all descriptors
+            f = findings[same]
+            findings[same] = replace(
+                f, centroids=np.vstack([f.centroids, c.centroids]),
+                radii=np.append(f.radii, c.radii), seed_patches=f.seed_patches | c.patches,
+                patches=np.where(f.patches.any(1, keepdims=True), f.patches, patches))
+            continue
+        findings.append(Finding(len(findings) + 1, c.cls, class_names[c.cls], c.images,
+                                c.recurrence, c.other_rate, c.attention_lift, on_obj, causal,
+                                verdict(causal, on_obj), patches, c.patches, c.centroids,
+                                c.radii, levels))
     reliance = (attribution * findings[0].patches).sum(1) if findings else np.zeros(len(x))
     off = (off_object_semantic_attention(attribution, weights > 0, coverage)
            if coverage is not None else np.full(len(x), np.nan))

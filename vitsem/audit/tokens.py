@@ -76,6 +76,25 @@ def _predict_gathered(model: nn.Module, x: torch.Tensor, drop: torch.Tensor) -> 
     return out
 
 
+def predict_leave_one_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits (B, N, C): row [i, j] is the model on image i with patch j alone removed.
+    The tokens are embedded once per image; the N shortened sequences (N - 1 patches each,
+    in their original order, prefix tokens kept) go through the blocks as one batch."""
+    p = _prefix(model)
+    tokens = _embed(model, x)
+    b, t, d = tokens.shape
+    n = t - p
+    # (N, N - 1): for removed patch j, the indices of the patches that stay.
+    keep = torch.arange(n, device=x.device).expand(n, n)
+    keep = keep[~torch.eye(n, dtype=torch.bool, device=x.device)].view(n, n - 1)
+    patches = tokens[:, p:][:, keep]  # (B, N, N - 1, D)
+    prefix = tokens[:, None, :p].expand(b, n, p, d)
+    seq = torch.cat([prefix, patches], 2).reshape(b * n, t - 1, d)
+    vit: Any = model
+    logits = vit.forward_head(vit.norm(vit.blocks(seq)))
+    return logits.view(b, n, -1)
+
+
 def predict_removed_reference(model: nn.Module, x: torch.Tensor, drop: torch.Tensor
                               ) -> torch.Tensor:
     """Token removal by literally shortening each image's sequence, one image at a time:

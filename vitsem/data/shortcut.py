@@ -115,6 +115,11 @@ class Sample:
     group: str
     object_box: list[int]
     glyph_box: list[int] | None = field(default=None)
+    cue: str | None = None
+    """Kind of spurious cue in the image (``glyph``, ``background``; None: none or, in
+    older manifests, read ``glyph_box``)."""
+    cue_class: int | None = None
+    """The class the cue points to (None: no cue)."""
 
 
 def _background(s: int, rng: np.random.Generator) -> np.ndarray:
@@ -297,7 +302,9 @@ class ShortcutDataset:
     """A generated benchmark on disk."""
 
     root: Path
-    spec: ShortcutSpec
+    spec: Any
+    """A :class:`ShortcutSpec`, or a :class:`vitsem.data.composed.ComposedSpec` for the
+    composed benchmarks; both name ``image_size``, ``class_names`` and ``shortcut_class``."""
     samples: list[Sample]
 
     @classmethod
@@ -310,7 +317,13 @@ class ShortcutDataset:
                 "create one with `vitsem data make`"
             )
         info = json.loads(info_path.read_text())
-        spec = ShortcutSpec(**info["spec"])
+        spec: Any
+        if info.get("kind") == "vitsem-composed-benchmark":
+            from vitsem.data.composed import ComposedSpec  # the composed module imports this
+
+            spec = ComposedSpec(**{**info["spec"], "digits": tuple(info["spec"]["digits"])})
+        else:
+            spec = ShortcutSpec(**info["spec"])
         samples = [Sample(**json.loads(line)) for line in manifest.read_text().splitlines()
                    if line.strip()]
         return cls(r, spec, samples)

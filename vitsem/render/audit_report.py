@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from vitsem.audit.pipeline import METHOD, AuditData, AuditResult, Finding
+from vitsem.audit.verdicts import BLIND_SPOTS, VERDICTS
 from vitsem.method.concentration import TokenGrid
 
 
@@ -82,6 +83,62 @@ def prompting_figure(result: AuditResult) -> Figure:
     return fig
 
 
+def faithfulness_figure(result: AuditResult) -> Figure:
+    """Left: every map's deletion curves (solid: most relevant first, dashed: least
+    relevant first). Right: ABPC per map with its 95% interval."""
+    names = list(result.faithfulness)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, name in enumerate(names):
+        f = result.faithfulness[name]
+        c = colours[k % len(colours)]
+        ax.plot(f.fractions, f.morf, "-", color=c, label=name)
+        ax.plot(f.fractions, f.lerf, "--", color=c)
+    ax.set_xlabel("share of patch tokens removed")
+    ax.set_ylabel("probability of the predicted class")
+    ax.set_title("Deletion curves (solid: most relevant first, dashed: least)", fontsize=9)
+    ax.legend(fontsize=7)
+    abpc = [result.faithfulness[k].abpc for k in names]
+    err = np.array([[a - result.faithfulness[k].abpc_ci[0], result.faithfulness[k].abpc_ci[1]
+                     - a] for k, a in zip(names, abpc, strict=True)]).T
+    bx.bar(np.arange(len(names)), abpc, yerr=np.nan_to_num(err), color=colours[:len(names)])
+    bx.set_xticks(np.arange(len(names)), names, fontsize=7, rotation=20)
+    bx.set_ylabel("ABPC (higher: more faithful)")
+    bx.set_title("Area between the curves, 95% interval", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def repair_figure(result: AuditResult) -> Figure:
+    """Accuracy and worst-group accuracy of the unrepaired model (floor), each last-layer
+    repair, and each prompt, side by side."""
+    rows = [(k, v.accuracy, v.worst_group_accuracy) for k, v in result.repairs.items()]
+    rows += [(f"prompt {k}", v.accuracy, v.worst_group_accuracy)
+             for k, v in result.prompts.items() if k.startswith("drop:")]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.2))
+    ax.bar(x - 0.2, [r[1] for r in rows], 0.4, label="accuracy")
+    ax.bar(x + 0.2, [r[2] for r in rows], 0.4, label="worst-group accuracy")
+    ax.set_xticks(x, [r[0] for r in rows], fontsize=7, rotation=25)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Repair (last layer, group-balanced) and prompting", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def faithfulness_rows(result: AuditResult) -> list[dict[str, Any]]:
+    return [{"map": k, "abpc": v.abpc, "abpc_low": v.abpc_ci[0], "abpc_high": v.abpc_ci[1],
+             "images": v.images} for k, v in result.faithfulness.items()]
+
+
+def repair_rows(result: AuditResult) -> list[dict[str, Any]]:
+    return [{"method": k, "accuracy": v.accuracy, "worst_group": v.worst_group,
+             "worst_group_accuracy": v.worst_group_accuracy, "gap_closed": v.gap_closed,
+             "fitted_on": ", ".join(f"{g}: {n}" for g, n in v.fit_groups.items()) or "-"}
+            for k, v in result.repairs.items()]
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p><em>none</em></p>"
@@ -109,7 +166,8 @@ def prompt_rows(result: AuditResult) -> list[dict[str, Any]]:
 
 def finding_rows(result: AuditResult) -> list[dict[str, Any]]:
     keys = ("rank", "class_name", "recurrence", "other_rate", "attention_lift", "on_object",
-            "effect", "random_effect", "p_value", "confidence", "confirmed", "shortcut")
+            "effect", "random_effect", "p_value", "confidence", "seed_patches_per_image",
+            "patches_per_image", "verdict_label")
     return [{"map": name, **{k: f.summary()[k] for k in keys}}
             for name, m in result.maps.items() for f in m.findings]
 
@@ -128,7 +186,7 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
     files += [out / "audit.json", out / "images.jsonl"]
     sections: list[str] = []
     method = result.maps.get(METHOD)
-    shown = (method.shortcuts or method.findings)[:max_findings] if method else []
+    shown = (method.relied or method.findings)[:max_findings] if method else []
     for f in shown:
         png = out / f"finding_{METHOD}_{f.rank}.png"
         fig = finding_figure(result, data, METHOD, f)
@@ -136,8 +194,9 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
         plt.close(fig)
         files.append(png)
         c = f.causal
-        verdict = ("<b>confirmed shortcut</b>" if f.shortcut else "confirmed, on the object"
-                   if c.confirmed else "not confirmed")
+        info = VERDICTS[f.verdict]
+        verdict = (f"<b>{html.escape(info.label)}</b>" if info.relied_on
+                   else html.escape(info.label))
         sections.append(
             f"<h3>Candidate {f.rank}: class <code>{html.escape(f.class_name)}</code> "
             f"({verdict}, confidence {f.confidence:.3f})</h3>"
@@ -146,13 +205,41 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
             f"on its patches is {f.attention_lift:.2f}x uniform. Removing its tokens lowers the "
             f"class probability by {c.effect:.3f}, removing as many random patches by "
             f"{c.random_effect:.3f} (one-sided Wilcoxon p = {c.p_value:.3g}, "
-            f"{c.images} images). Object coverage of its patches: {_fmt(f.on_object)}.</p>"
+            f"{c.images} images). It was found on {f._per_image(f.seed_patches):.1f} keypoint "
+            f"patches per image and grown to {f._per_image(f.patches):.1f} "
+            f"({f.growth_levels} growth steps) to cover what the model uses. Object coverage "
+            f"of its patches: {_fmt(f.on_object)}. <em>{html.escape(info.meaning)}</em>.</p>"
             f"<img src='{png.name}' alt='finding {f.rank}'>")
     png = out / "prompting.png"
     fig = prompting_figure(result)
     fig.savefig(png, dpi=110)
     plt.close(fig)
     files.append(png)
+    extra = ""
+    if result.faithfulness:
+        png = out / "faithfulness.png"
+        fig = faithfulness_figure(result)
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        files.append(png)
+        extra += ("<h2>Faithfulness of each map</h2><p>Patch tokens are removed from the "
+                  "sequence in the map's order; ABPC is the mean gap between removing the "
+                  "least and the most relevant first.</p><img src='faithfulness.png' "
+                  f"alt='faithfulness'>{_table(faithfulness_rows(result))}")
+    if result.repairs:
+        png = out / "repairs.png"
+        fig = repair_figure(result)
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        files.append(png)
+        extra += ("<h2>Repair</h2><p>The last layer retrained group-balanced on held-out "
+                  "images: <code>dfr:pseudo</code> on groups from the audit's findings (no "
+                  "annotation), <code>dfr:oracle</code> on the true groups, "
+                  "<code>dfr:class</code> class-balanced without groups; gap closed = share "
+                  "of the unrepaired -> oracle worst-group gap.</p><img src='repairs.png' "
+                  f"alt='repairs'>{_table(repair_rows(result))}")
+    blind = "".join(f"<li>{html.escape(b)}</li>" for b in BLIND_SPOTS)
+    extra += f"<h2>What this method cannot see</h2><ul>{blind}</ul>"
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
     head = "".join(f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>"
                    for k, v in meta.items())
@@ -166,6 +253,7 @@ collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-
 <h2>Candidates of the semantic map</h2>{"".join(sections) or "<p>No candidate found.</p>"}
 <h2>Prompting</h2><img src="prompting.png" alt="prompting">{_table(prompt_rows(result))}
 <h2>Group accuracy with and without prompting</h2>{_table(_group_rows(result))}
+{extra}
 <h2>Per class</h2>{_table(result.class_table())}
 <h2>All candidates, every map</h2>{_table(finding_rows(result))}
 </body></html>"""
