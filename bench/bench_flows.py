@@ -1,7 +1,7 @@
 """Orchestration timings, each against its baseline measured side by side in one run.
 
     .venv/bin/python bench/bench_flows.py overhead [--images 1000] [--model vit_small_patch16_224]
-    .venv/bin/python bench/bench_flows.py model-audit [--before 1c10dfa] [--repeats 2]
+    .venv/bin/python bench/bench_flows.py model-audit [--before 1c10dfa] [--after REV] [--repeats 2]
 
 ``overhead`` (issue 3): the SIFT + analysis flow against the bare library call on the same
 images, model, batch size and machine. The flow run (``attention_analysis``, thread runner)
@@ -117,7 +117,8 @@ def _checkout(commit: str, dest: Path) -> Path:
 
 
 def _model_audit_once(code: Path, data: Path, ckpt: Path, home: Path) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(code), "VITSEM_HOME": str(home)}
+    env = {**os.environ, "PYTHONPATH": str(code), "VITSEM_HOME": str(home),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI",
                 "PREFECT_API_URL"):
         env.pop(var, None)
@@ -136,7 +137,8 @@ def _model_audit(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vitsem-bench-audit-"))
     cache = Path(args.cache) if args.cache else tmp / "default"
     data, ckpt = ensure_default_model(cache)  # the demo's benchmark and tiny ViT
-    trees = {"before": _checkout(args.before, tmp / "before"), "after": ROOT}
+    trees = {"before": _checkout(args.before, tmp / "before"),
+             "after": _checkout(args.after, tmp / "after") if args.after else ROOT}
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(args.repeats):
         for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
@@ -163,6 +165,7 @@ def main() -> None:
     over.add_argument("--model", default="vit_small_patch16_224")
     audit = sub.add_parser("model-audit", help="model_audit: a past commit vs this checkout")
     audit.add_argument("--before", default="1c10dfa", help="commit to compare against")
+    audit.add_argument("--after", help="commit to measure instead of this working tree")
     audit.add_argument("--repeats", type=int, default=2)
     audit.add_argument("--cache", help="home with the default benchmark and model (made once)")
     args = ap.parse_args()
