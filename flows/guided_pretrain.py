@@ -10,6 +10,7 @@ from prefect import flow, task
 from pydantic import Field
 
 from flows.common import RETRYING_TASK, RUN_HOOKS, FlowParams, make_task_runner, publish, tracked
+from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.platform import tracking
 from vitsem.platform.services import pretrain
 from vitsem.platform.services.context import context
@@ -26,6 +27,7 @@ class PretrainParams(FlowParams):
 
     data: str = Field(description="Benchmark folder from `vitsem data make` (train/test).")
     masker: MaskerName = Field(default="sift", description="Which patches to mask.")
+    weighting: Weighting = Field(default="count", description="Keypoint concentration.")
     alpha: float = Field(default=1.0, description="sift exponent: > 0 masks semantic "
                                                   "patches first, < 0 keeps them visible.")
     mask_ratio: float = Field(default=0.75, gt=0, lt=1,
@@ -45,6 +47,7 @@ class PretrainParams(FlowParams):
         return PretrainConfig(masker=self.masker, mask=MaskSpec(ratio=self.mask_ratio,
                                                                  alpha=self.alpha),
                               epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                              semantic=SemanticConfig(weighting=self.weighting),
                               depth=self.depth, seed=self.seed, device=self.device)
 
 

@@ -22,7 +22,7 @@ from flows.common import (
 from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
-from vitsem.method.concentration import Weighting
+from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.platform import tracking
 from vitsem.platform.services import audit
 from vitsem.platform.services.audit import AuditReport
@@ -40,7 +40,8 @@ class AuditParams(DataParams):
     batch_size: int = Field(default=64, ge=1)
 
     def config(self) -> AuditConfig:
-        return AuditConfig(weighting=self.weighting, top_fraction=self.top_fraction,
+        return AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
+                           top_fraction=self.top_fraction,
                            alpha=self.alpha, min_effect=self.min_effect,
                            batch_size=self.batch_size)
 

@@ -13,22 +13,17 @@ import sqlalchemy as sa
 
 from vitsem.audit.benchmark import AUDIT_SIFT, auroc, is_planted, load_benchmark
 from vitsem.audit.discovery import discover_candidates
-from vitsem.audit.pipeline import (
-    AuditConfig,
-    AuditData,
-    _keep_top_k,
-    audit,
-    group_accuracy,
-    prompt_outcome,
-)
+from vitsem.audit.pipeline import AuditConfig, AuditData, audit
+from vitsem.audit.prompting import keep_top_k, prompt_outcome
 from vitsem.audit.verdicts import Verdict
 from vitsem.data.inputs import labelled_images
 from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
-from vitsem.data.train import TrainConfig, predict, train_classifier
+from vitsem.data.train import TrainConfig, train_classifier
 from vitsem.errors import AuditInputError
 from vitsem.method.attention import token_layout
 from vitsem.method.keypoints import detect_sift
 from vitsem.method.models import load_model, save_checkpoint
+from vitsem.method.training import group_accuracy, predict_labels
 from vitsem.method.view import ModelView
 from vitsem.render.audit_report import write_report
 
@@ -69,7 +64,7 @@ def test_group_accuracy_and_prompt_outcome_by_hand() -> None:
 
 def test_keep_top_k_keeps_the_most_semantic_patches() -> None:
     w = np.array([[0.1, 0.5, 0.0, 0.4], [0.0, 0.0, 0.0, 0.0]])
-    drop = _keep_top_k(w, 2)
+    drop = keep_top_k(w, 2)
     np.testing.assert_array_equal(drop, [[True, False, True, False],
                                          [False, False, False, False]])  # no keypoints: keep all
 
@@ -156,7 +151,8 @@ def test_audit_finds_confirms_and_prompts_away_the_planted_shortcut(
     assert top.causal.effect - top.causal.random_effect > 0.2 and top.causal.p_value < 1e-3
     assert auroc(result.maps["semantic"].reliance, ~bench.data.clean) > 0.95
     assert not result.maps["random"].shortcuts
-    own = (predict(net, view.to_tensor(bench.data.views)).numpy() == bench.data.labels).mean()
+    pred = predict_labels(net, view.to_tensor(bench.data.views)).numpy()
+    own = (pred == bench.data.labels).mean()
     assert result.prompts["none"].accuracy == pytest.approx(own)  # the model's own accuracy
     # Removing the glyph's tokens helps the glyph groups the shortcut misleads, and leaves
     # glyph-free images alone.
@@ -208,7 +204,7 @@ def test_audit_without_masks_reviews_and_repairs_from_its_findings(
     # The repaired model is a normal timm model: saved and loaded like any checkpoint.
     again, _ = load_model(None, save_checkpoint(result.repaired_models["dfr:pseudo"], spec,
                                                 tmp_path / "rep.safetensors"))
-    pred = predict(again, view.to_tensor(d.views[:half])).numpy()
+    pred = predict_labels(again, view.to_tensor(d.views[:half])).numpy()
     assert (pred == d.labels[:half]).mean() == pytest.approx(pseudo.accuracy)
     files = write_report(result, part(slice(0, half)), tmp_path / "r", {})
     assert "relied on — review" in files[-1].read_text() and "repairs.png" in {

@@ -8,9 +8,10 @@ import pytest
 import timm
 import torch
 
+from tests.references import predict_removed_reference
 from vitsem.audit.maps import MAPS, attention_rollout, cls_attention_last
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
-from vitsem.audit.tokens import predict_removed_reference, predict_without
+from vitsem.audit.tokens import predict_without
 from vitsem.method.concentration import TokenGrid
 
 
@@ -97,7 +98,7 @@ def test_patch_coverage_and_off_object_share() -> None:
 # Discovery and the causal check on hand-built cases.
 
 from vitsem.audit.causal import causal_check, matched_random_drop  # noqa: E402
-from vitsem.audit.discovery import candidate_patches, discover_candidates  # noqa: E402
+from vitsem.audit.discovery import discover_candidates, match_patches  # noqa: E402
 
 
 def _synthetic(planted: bool, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray],
@@ -130,7 +131,7 @@ def test_planted_pattern_is_the_top_candidate() -> None:
     assert top.cls == 0 and top.recurrence == 1.0 and top.other_rate == 0.0
     assert np.linalg.norm(top.centroids - glyph, axis=1).min() < 1.0
     assert top.attention_lift > 2
-    mask = candidate_patches(top, descs, patches, 16)
+    mask = match_patches(top.centroids, top.radii, descs, patches, 16)
     np.testing.assert_array_equal(mask, top.patches)
     expected = np.zeros((20, 16), bool)
     expected[predicted == 0, 0] = True

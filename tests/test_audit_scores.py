@@ -11,11 +11,11 @@ import timm
 import torch
 from torch import nn
 
+from tests.references import predict_removed_reference
 from vitsem.audit.faithfulness import deletion_curves, faithfulness, pattern_localisation
 from vitsem.audit.grow import grow_candidate
 from vitsem.audit.maps import generic_attention, occlusion_map
 from vitsem.audit.repair import fit_balanced_head, linear_head, repair_last_layer
-from vitsem.audit.tokens import predict_removed_reference
 from vitsem.audit.verdicts import (
     Decision,
     PatternKey,

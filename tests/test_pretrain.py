@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from vitsem.errors import PretrainInputError, ProbeDataError
+from vitsem.errors import ConfigError, PretrainInputError, ProbeDataError
 from vitsem.pretrain.loop import PretrainConfig, PretrainData, pretrain, save_state
 from vitsem.pretrain.mae import MaskedAutoencoder, patchify
 from vitsem.pretrain.maskers import MASKERS, MaskSpec, loss_weights, make_mask
@@ -102,7 +102,7 @@ def test_kamim_loss_weights_by_hand() -> None:
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
 def test_mask_ratio_outside_the_open_interval_is_refused(ratio: float) -> None:
-    with pytest.raises(PretrainInputError, match=r"mask ratio must be in \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"mask ratio must be in \(0, 1\)"):
         PretrainConfig(mask=MaskSpec(ratio=ratio)).validate()
 
 
@@ -320,7 +320,7 @@ def test_flow_refuses_bad_settings_before_any_work(pretrain_data: Path, tmp_path
     # Parameters that bypass the form (built unchecked): the flow refuses them itself.
     unchecked = PretrainParams.model_construct(**{
         **PretrainParams(data=str(pretrain_data)).model_dump(), "mask_ratio": 1.0})
-    with pytest.raises((PretrainInputError, ValidationError), match=r"mask.ratio"):
+    with pytest.raises((ConfigError, ValidationError), match=r"mask.ratio"):
         guided_pretrain(unchecked)
     # Nothing was done: no run record, no data set, no keypoints, no checkpoint.
     assert not (home / "artifacts").exists()

@@ -189,15 +189,6 @@ def discover_candidates(descriptors: Sequence[np.ndarray], keypoint_patches: Seq
     return sorted(out, key=lambda c: -c.score)
 
 
-def candidate_patches(candidate: Candidate, descriptors: Sequence[np.ndarray],
-                      keypoint_patches: Sequence[np.ndarray], num_patches: int) -> np.ndarray:
-    """(B, N) bool: the patches holding a keypoint that matches ``candidate`` (for other
-    images than those it was discovered on)."""
-    desc, img, patch = _flatten(descriptors, keypoint_patches)
-    return _match_mask(desc, img, patch, candidate.centroids, candidate.radii,
-                       (len(descriptors), num_patches))
-
-
 def match_patches(centroids: np.ndarray, radii: np.ndarray, descriptors: Sequence[np.ndarray],
                   keypoint_patches: Sequence[np.ndarray], num_patches: int) -> np.ndarray:
     """(B, N) bool: the patches holding a keypoint within ``radii`` (K,) of any of a

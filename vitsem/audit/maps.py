@@ -15,7 +15,12 @@ from torch import nn
 
 from vitsem.audit.tokens import predict_leave_one_out
 from vitsem.errors import UnsupportedModelError
-from vitsem.method.attention import AttentionBlock, attention_modules, capture_attention
+from vitsem.method.attention import (
+    AttentionBlock,
+    attention_modules,
+    capture_attention,
+    num_prefix_tokens,
+)
 
 
 def _normalise(m: torch.Tensor) -> torch.Tensor:
@@ -24,17 +29,13 @@ def _normalise(m: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, m / total.clamp_min(1e-30), torch.full_like(m, 1 / m.shape[-1]))
 
 
-def _prefix(model: nn.Module) -> int:
-    return int(getattr(model, "num_prefix_tokens", 1))
-
-
 @torch.no_grad()
 def semantic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor
                        ) -> torch.Tensor:
     """The method's map: CLS attention over patches averaged over every block and head,
     weighted by the patch's semantic weight w_i. Images without keypoints keep the plain
     attention (there is no semantic evidence to weight by)."""
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     acc: dict[str, torch.Tensor] = {}
 
     def sink(_layer: int, block: AttentionBlock) -> None:
@@ -55,7 +56,7 @@ def cls_attention_last(model: nn.Module, x: torch.Tensor,
                        semantic: torch.Tensor | None = None) -> torch.Tensor:
     """The last block's CLS attention over patches, averaged over heads."""
     last = len(attention_modules(model)) - 1
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     out: list[torch.Tensor] = []
 
     def sink(layer: int, block: AttentionBlock) -> None:
@@ -73,7 +74,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor,
     """Attention rollout (Abnar & Zuidema 2020): the product over blocks of the head-mean
     attention mixed with the identity for the residual, (0.5 A + 0.5 I) row-normalised;
     the CLS row over patches."""
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     state: dict[str, torch.Tensor] = {}
 
     def sink(_layer: int, block: AttentionBlock) -> None:
@@ -94,7 +95,7 @@ def gradcam_tokens(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor | N
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise ValueError("Grad-CAM needs a model with .blocks")
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     acts: list[torch.Tensor] = []
     handle = blocks[-1].register_forward_hook(lambda _m, _i, out: acts.append(out))
     try:
@@ -129,7 +130,7 @@ def generic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor 
         raise UnsupportedModelError(
             f"{type(model).__name__}: attention modules without attn_drop/fused_attn; the "
             "gradient-weighted rollout needs timm's Attention")
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     attns: list[torch.Tensor] = []
     # attn_drop sees the softmax attention of the explicit path: the tensor to differentiate.
     handles = [m.attn_drop.register_forward_hook(lambda _m, _i, out: attns.append(out))

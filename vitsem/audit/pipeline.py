@@ -13,7 +13,8 @@ Storage and orchestration live elsewhere; this module sees arrays and a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,6 @@ from vitsem.audit.faithfulness import faithfulness
 from vitsem.audit.grow import grow_candidate
 from vitsem.audit.maps import MAPS
 from vitsem.audit.prompting import (
-    group_accuracy,
     keep_top_k,
     matched_random,
     prompt_outcome,
@@ -44,16 +44,20 @@ from vitsem.audit.results import (
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_without
 from vitsem.audit.verdicts import verdict_of
-from vitsem.errors import AuditInputError, RepairInputError
+from vitsem.errors import AuditInputError, ConfigError, RepairInputError
 from vitsem.method.attention import token_layout
-from vitsem.method.concentration import TokenGrid, concentration, patch_weights
+from vitsem.method.concentration import (
+    SemanticConfig,
+    TokenGrid,
+    concentration,
+    patch_weights,
+)
 from vitsem.method.keypoints import Keypoints
+from vitsem.method.training import in_batches
 from vitsem.method.view import ModelView
 
 __all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
-           "PromptOutcome", "audit", "check_audit_data", "group_accuracy", "prompt_outcome"]
-
-_keep_top_k = keep_top_k  # the name tests and callers used before the split
+           "PromptOutcome", "audit", "check_audit_data"]
 
 DEFAULT_MAPS = tuple(m for m in MAPS if m != "occlusion")
 """Every map but leave-one-out occlusion, which costs N forwards per image; ask for it."""
@@ -73,7 +77,7 @@ class AuditConfig:
     accepts."""
 
     maps: tuple[str, ...] = DEFAULT_MAPS
-    weighting: str = "count"
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
     top_fraction: float = 0.1
     eps_factor: float = 0.3
     min_recurrence: float = 0.3
@@ -95,19 +99,20 @@ class AuditConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        self.semantic.validate()
         unknown = [m for m in self.maps if m not in MAPS]
         if unknown or not self.maps:
-            raise ValueError(f"unknown attribution maps {unknown}; choose from {sorted(MAPS)}")
+            raise ConfigError(f"unknown attribution maps {unknown}; choose from {sorted(MAPS)}")
         for name in ("top_fraction", "keep_fraction", "alpha", "on_object_limit",
                      "min_recurrence"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {v}")
+                raise ConfigError(f"{name} must be in (0, 1], got {v}")
         if min(self.max_checked, self.causal_trials, self.batch_size, self.grow_trials) < 1:
-            raise ValueError("max_checked, causal_trials, grow_trials and batch_size must be "
+            raise ConfigError("max_checked, causal_trials, grow_trials and batch_size must be "
                              ">= 1")
         if self.faithfulness_steps < 2 or self.faithfulness_images < 0 or self.grow_rings < 0:
-            raise ValueError("faithfulness_steps must be >= 2, faithfulness_images and "
+            raise ConfigError("faithfulness_steps must be >= 2, faithfulness_images and "
                              "grow_rings >= 0")
 
 
@@ -141,8 +146,7 @@ def check_audit_data(data: AuditData, num_model_classes: int) -> None:
 def _predictor(model: nn.Module, batch_size: int) -> Any:
     @torch.no_grad()
     def predict(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        return torch.cat([predict_without(model, x[i:i + batch_size], drop[i:i + batch_size])
-                          for i in range(0, len(x), batch_size)])
+        return in_batches(partial(predict_without, model), x, drop, batch_size=batch_size)
     return predict
 
 
@@ -185,7 +189,7 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
         pred = base if not drop.any() else predict(x, torch.from_numpy(drop)).argmax(-1).numpy()
         return prompt_outcome(pred, base, labels, groups, data.clean, drop)
 
-    conc = np.stack([concentration(k, grid, cfg.weighting) for k in data.keypoints])
+    conc = np.stack([concentration(k, grid, cfg.semantic.weighting) for k in data.keypoints])
     weights = patch_weights(conc)
     result = AuditResult(data.class_names, grid, labels, base, groups, {},
                          {"none": outcome(none)}, semantic_weights=weights,
@@ -266,8 +270,8 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def _attribution(name: str, model: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                  batch_size: int) -> np.ndarray:
     fn = MAPS[name]
-    return torch.cat([fn(model, x[i:i + batch_size], weights[i:i + batch_size]).detach()
-                      for i in range(0, len(x), batch_size)]).numpy().astype(np.float64)
+    return in_batches(partial(fn, model), x, weights, batch_size=batch_size
+                      ).detach().numpy().astype(np.float64)
 
 
 def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,

@@ -9,15 +9,7 @@ import torch
 
 from vitsem.audit.causal import matched_random_drop
 from vitsem.audit.results import PromptOutcome
-
-
-def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: Sequence[str]
-                   ) -> dict[str, float]:
-    correct = pred == labels
-    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(inverse, weights=correct, minlength=len(names))
-    counts = np.bincount(inverse, minlength=len(names))
-    return {str(n): float(s / c) for n, s, c in zip(names, sums, counts, strict=True)}
+from vitsem.method.training import group_accuracy
 
 
 def prompt_outcome(pred: np.ndarray, base: np.ndarray, labels: np.ndarray,

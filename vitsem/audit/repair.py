@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from vitsem.errors import RepairInputError
+from vitsem.method.training import in_batches, predict_labels
 
 __all__ = ["RepairOutcome", "RepairResult", "evaluate", "fit_balanced_head", "gap_closed",
            "linear_head", "penultimate_features", "pseudo_groups", "repair_last_layer",
@@ -49,9 +50,8 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 12
         raise RepairInputError(f"{type(model).__name__} lacks forward_features/forward_head; "
                                "the repair needs a timm model")
     model.eval()
-    return torch.cat([vit.forward_head(vit.forward_features(x[i:i + batch_size]),
-                                       pre_logits=True)
-                      for i in range(0, len(x), batch_size)]).double().numpy()
+    return in_batches(lambda xb: vit.forward_head(vit.forward_features(xb), pre_logits=True),
+                      x, batch_size=batch_size).double().numpy()
 
 
 def pseudo_groups(labels: np.ndarray, present: np.ndarray, class_names: Sequence[str]
@@ -176,11 +176,8 @@ def gap_closed(outcome: RepairOutcome, floor: RepairOutcome, oracle: RepairOutco
     return (outcome.worst_group_accuracy - floor.worst_group_accuracy) / gap
 
 
-@torch.no_grad()
 def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(-1)
-                      for i in range(0, len(x), batch_size)]).numpy()
+    return predict_labels(model, x, batch_size).numpy()
 
 
 @dataclass

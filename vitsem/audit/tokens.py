@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from vitsem.errors import UnsupportedModelError
-
-
-def _prefix(model: nn.Module) -> int:
-    return int(getattr(model, "num_prefix_tokens", 1))
+from vitsem.method.attention import num_prefix_tokens
 
 
 def _uses_cls_pool(model: nn.Module) -> bool:
@@ -41,7 +38,7 @@ def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def predict_without(model: nn.Module, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Logits (B, C) of ``model`` on ``x`` (B, 3, H, W) with the patches where ``drop``
     (B, N) is True removed from the token sequence. Prefix tokens always stay."""
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     drop = drop.to(device=x.device, dtype=torch.bool)
     if not bool(drop.any()):
         return model(x)
@@ -57,7 +54,7 @@ def predict_without(model: nn.Module, x: torch.Tensor, drop: torch.Tensor) -> to
 
 
 def _predict_gathered(model: nn.Module, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     tokens = _embed(model, x)
     keep_counts = (~drop).sum(1)
     out = torch.empty(0)
@@ -80,7 +77,7 @@ def predict_leave_one_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits (B, N, C): row [i, j] is the model on image i with patch j alone removed.
     The tokens are embedded once per image; the N shortened sequences (N - 1 patches each,
     in their original order, prefix tokens kept) go through the blocks as one batch."""
-    p = _prefix(model)
+    p = num_prefix_tokens(model)
     tokens = _embed(model, x)
     b, t, d = tokens.shape
     n = t - p
@@ -94,9 +91,3 @@ def predict_leave_one_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     logits = vit.forward_head(vit.norm(vit.blocks(seq)))
     return logits.view(b, n, -1)
 
-
-def predict_removed_reference(model: nn.Module, x: torch.Tensor, drop: torch.Tensor
-                              ) -> torch.Tensor:
-    """Token removal by literally shortening each image's sequence, one image at a time:
-    the reference the batched paths are tested against."""
-    return _predict_gathered(model, x, drop.to(torch.bool))

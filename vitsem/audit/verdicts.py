@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BLIND_SPOTS", "VERDICTS", "Carried", "Decision", "PatternKey", "ReviewDecision",
-           "Verdict", "VerdictInfo", "carry_review", "pattern_signature", "same_pattern",
-           "verdict_of"]
+           "Verdict", "VerdictInfo", "carry_review", "pattern_signature", "relied_on",
+           "same_pattern", "verdict_of"]
 
 
 class Verdict(StrEnum):
@@ -69,6 +69,11 @@ BLIND_SPOTS = (
     "only where its keypoints recur)",
 )
 """What the method cannot see; the report states these."""
+
+
+def relied_on(finding: Mapping[str, Any]) -> bool:
+    """Whether a finding summary (``Finding.summary()``) is a pattern the model relies on."""
+    return VERDICTS[Verdict(finding["verdict"])].relied_on
 
 
 def verdict_of(confirmed: bool, on_object: float, on_object_limit: float) -> Verdict:

@@ -10,11 +10,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vitsem.render.verdicts import verdict, verdict_label
+from vitsem.audit.verdicts import Verdict
 
 console = Console()
 
-_VERDICT_STYLE = {"shortcut": "bold red", "object": "yellow", "unconfirmed": "dim"}
+_VERDICT_STYLE = {Verdict.SHORTCUT: "bold red", Verdict.REVIEWED_SHORTCUT: "bold red",
+                  Verdict.REVIEW: "yellow", Verdict.ON_OBJECT: "yellow",
+                  Verdict.REVIEWED_LEGITIMATE: "green", Verdict.NOT_CONFIRMED: "dim"}
 
 
 def progress() -> Progress:
@@ -58,11 +60,11 @@ def print_audit(result: Mapping[str, Any]) -> None:
     for col in ("rank", "class", "recurrence", "others", "effect", "random", "p", "verdict"):
         table.add_column(col, justify="right" if col not in ("class", "verdict") else "left")
     for f in result["findings"].get("semantic", []):
-        style = _VERDICT_STYLE[verdict(f)]
+        style = _VERDICT_STYLE[Verdict(f["verdict"])]
         table.add_row(str(f["rank"]), escape(f["class_name"]), f"{f['recurrence']:.2f}",
                       f"{f['other_rate']:.2f}", f"{f['effect']:.3f}",
                       f"{f['random_effect']:.3f}", f"{f['p_value']:.2g}",
-                      f"[{style}]{verdict_label(f)}[/]")
+                      f"[{style}]{escape(f['verdict_label'])}[/]")
     console.print(table)
     prompts = Table(title="Prompting (tokens removed at inference)")
     for col in ("prompt", "accuracy", "worst group", "worst-group acc", "shortcut-free acc"):

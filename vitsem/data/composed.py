@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from vitsem.data.shortcut import DATASET_INFO, GLYPHS, MANIFEST, Sample, _background
+from vitsem.errors import ConfigError
 from vitsem.method.keypoints import default_workers, parallel_map
 
 COMPOSED_KIND = "vitsem-composed-benchmark"
@@ -72,19 +73,19 @@ class ComposedSpec:
     def validate(self) -> None:
         if not 2 <= len(self.digits) <= len(BACKGROUNDS) or len(set(self.digits)) != len(
                 self.digits) or not all(0 <= d <= 9 for d in self.digits):
-            raise ValueError(f"digits must be 2..{len(BACKGROUNDS)} distinct digits in 0-9, "
+            raise ConfigError(f"digits must be 2..{len(BACKGROUNDS)} distinct digits in 0-9, "
                              f"got {self.digits}")
         if self.family not in ("glyph", "background"):
-            raise ValueError(f"family must be 'glyph' or 'background', got {self.family!r}")
+            raise ConfigError(f"family must be 'glyph' or 'background', got {self.family!r}")
         if not 0.0 <= self.rho <= 1.0 or not 0.0 <= min(self.clean_share,
                                                           self.train_clean_share) < 1.0:
-            raise ValueError("rho must be in [0, 1] and the clean shares in [0, 1)")
+            raise ConfigError("rho must be in [0, 1] and the clean shares in [0, 1)")
         if self.glyph not in GLYPHS:
-            raise ValueError(f"unknown glyph {self.glyph!r}; choose one of {sorted(GLYPHS)}")
+            raise ConfigError(f"unknown glyph {self.glyph!r}; choose one of {sorted(GLYPHS)}")
         if self.position not in ("fixed", "random") or not 0 <= self.corner < 4:
-            raise ValueError("position must be 'fixed' or 'random' and corner in 0..3")
+            raise ConfigError("position must be 'fixed' or 'random' and corner in 0..3")
         if not 0 <= self.shortcut_class < len(self.digits) or self.image_size < 48:
-            raise ValueError("shortcut_class must index digits and image_size be >= 48")
+            raise ConfigError("shortcut_class must index digits and image_size be >= 48")
 
     @property
     def class_names(self) -> list[str]:

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitsem.data.shortcut import Sample, ShortcutDataset
+from vitsem.errors import ConfigError
 from vitsem.method.images import open_image
 from vitsem.method.models import ModelSpec, create_model, save_checkpoint
+from vitsem.method.training import group_accuracy, predict_labels, warmup_cosine_lr
 from vitsem.method.view import ModelView
 
 
@@ -70,21 +71,6 @@ def load_split(ds: ShortcutDataset, split: str, view: ModelView
     return view.to_tensor(views), labels, samples
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
-
-
-def group_accuracy(pred: torch.Tensor, labels: torch.Tensor, samples: list[Sample]
-                   ) -> dict[str, float]:
-    correct = (pred == labels).numpy()
-    groups: dict[str, list[bool]] = {}
-    for s, c in zip(samples, correct, strict=True):
-        groups.setdefault(s.group, []).append(bool(c))
-    return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
-
-
 def _shift(xb: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], filling
     with the edge pixels (replicate padding, then a crop per image)."""
@@ -109,7 +95,7 @@ def train_classifier(data_dir: str | Path, out: str | Path, config: TrainConfig 
     """Train on the ``train`` split, evaluate on ``test``, save a vitsem checkpoint at ``out``."""
     t0 = time.perf_counter()
     if config.augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {AUGMENTS}, got {config.augment!r}")
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {config.augment!r}")
     torch.manual_seed(config.seed)
     ds = ShortcutDataset.load(data_dir)
     spec = config.model_spec(ds.class_names)
@@ -122,11 +108,6 @@ def train_classifier(data_dir: str | Path, out: str | Path, config: TrainConfig 
     steps_per_epoch = math.ceil(len(x_tr) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return config.lr * (step + 1) / warmup
-        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
@@ -144,26 +125,26 @@ def train_classifier(data_dir: str | Path, out: str | Path, config: TrainConfig 
             if config.augment == "shift":
                 xb = _shift(xb, config.max_shift, gen)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine_lr(config.lr, step, warmup, total)
             loss = F.cross_entropy(model(xb), y_tr[idx], label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-        acc = float((predict(model, x_te) == y_te).float().mean())
+        acc = float((predict_labels(model, x_te) == y_te).float().mean())
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "test_accuracy": acc}
         history.append(record)
         if progress is not None:
             progress(epoch + 1, config.epochs, record)
     model.eval()
-    pred_te = predict(model, x_te)
-    groups = group_accuracy(pred_te, y_te, te_samples)
+    pred_te = predict_labels(model, x_te)
+    groups = group_accuracy(pred_te.numpy(), y_te.numpy(), [s.group for s in te_samples])
     path = save_checkpoint(model, spec, out)
     clean = torch.tensor([not s.shortcut for s in te_samples])
     return TrainResult(
         checkpoint=path,
-        train_accuracy=float((predict(model, x_tr) == y_tr).float().mean()),
+        train_accuracy=float((predict_labels(model, x_tr) == y_tr).float().mean()),
         test_accuracy=float((pred_te == y_te).float().mean()),
         test_worst_group_accuracy=min(groups.values()),
         test_group_accuracy=groups,

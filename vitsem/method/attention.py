@@ -81,6 +81,12 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the patch tokens (CLS, distillation, registers); timm's attribute, 1 when
+    a model does not declare it."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
 def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout:
     """Token layout of ``model`` for an input of ``input_hw`` pixels."""
     pe = getattr(model, "patch_embed", None)
@@ -95,7 +101,7 @@ def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout:
         gh, gw = -(-h // ph), -(-w // pw)
     else:
         gh, gw = h // ph, w // pw
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    num_prefix = num_prefix_tokens(model)
     has_cls = getattr(model, "cls_token", None) is not None
     return TokenLayout(num_prefix, has_cls, TokenGrid((ph, pw), (gh, gw)))
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from vitsem.errors import PretrainInputError
+from vitsem.errors import ConfigError, PretrainInputError
+from vitsem.method.concentration import SemanticConfig
 from vitsem.method.models import ModelSpec, create_model
+from vitsem.method.training import warmup_cosine_lr
 from vitsem.pretrain.mae import MaskedAutoencoder
 from vitsem.pretrain.maskers import MASKERS, MaskSpec, loss_weights, make_mask
 from vitsem.pretrain.probe import check_probe_data, encode_all, knn_accuracy, linear_probe_accuracy
@@ -38,6 +40,7 @@ class PretrainConfig:
     decoder_depth: int = 2
     masker: str = "random"
     mask: MaskSpec = field(default_factory=MaskSpec)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -51,10 +54,11 @@ class PretrainConfig:
 
     def validate(self) -> None:
         if self.masker not in MASKERS:
-            raise ValueError(f"unknown masker {self.masker!r}; choose one of {sorted(MASKERS)}")
+            raise ConfigError(f"unknown masker {self.masker!r}; choose one of {sorted(MASKERS)}")
         self.mask.validate()
+        self.semantic.validate()
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise ConfigError("epochs and batch_size must be >= 1")
 
     def encoder_spec(self) -> ModelSpec:
         return ModelSpec(self.model, {"img_size": self.img_size, "patch_size": self.patch_size,
@@ -136,11 +140,8 @@ def load_state(cfg: PretrainConfig, blob: bytes) -> PretrainState:
 
 
 def _lr(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    total = cfg.epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return warmup_cosine_lr(cfg.lr, step, int(cfg.warmup_epochs * steps_per_epoch),
+                            cfg.epochs * steps_per_epoch)
 
 
 def train_epoch(state: PretrainState, data: PretrainData, cfg: PretrainConfig

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitsem.errors import PretrainInputError
+from vitsem.errors import ConfigError, PretrainInputError
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class MaskSpec:
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
-            raise PretrainInputError(f"mask ratio must be in (0, 1), got {self.ratio}; "
+            raise ConfigError(f"mask ratio must be in (0, 1), got {self.ratio}; "
                                      "MAE's default is 0.75")
         if self.eps <= 0:
-            raise PretrainInputError(f"eps must be > 0, got {self.eps}")
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
         if not 0.0 <= self.hint_ratio < 1.0:
-            raise PretrainInputError(f"hint_ratio must be in [0, 1), got {self.hint_ratio}")
+            raise ConfigError(f"hint_ratio must be in [0, 1), got {self.hint_ratio}")
 
     def num_masked(self, n: int) -> int:
         k = round(self.ratio * n)
@@ -132,5 +132,5 @@ def make_mask(masker: str, w: torch.Tensor, spec: MaskSpec, generator: torch.Gen
     try:
         fn = MASKERS[masker]
     except KeyError:
-        raise ValueError(f"unknown masker {masker!r}; choose one of {sorted(MASKERS)}") from None
+        raise ConfigError(f"unknown masker {masker!r}; choose one of {sorted(MASKERS)}") from None
     return fn(w, spec, generator)

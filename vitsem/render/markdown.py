@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vitsem.render.verdicts import verdict_label
+from vitsem.audit.verdicts import relied_on
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>])")
 
@@ -82,7 +82,7 @@ def findings_markdown(summary: Mapping[str, Any], report_uri: str, links: Sequen
             [(raw(str(f["rank"])), f["class_name"], raw(f"{f['recurrence']:.2f}"),
               raw(f"{f['other_rate']:.2f}"), raw(f"{f['effect']:.3f}"),
               raw(f"{f['random_effect']:.3f}"), raw(f"{f['p_value']:.2g}"),
-              raw(f"**{verdict_label(f)}**" if f["shortcut"] else verdict_label(f)))
+              raw(f"**{md_text(f['verdict_label'])}**") if relied_on(f) else f["verdict_label"])
              for f in found])
     else:
         lines.append("No candidate found.")

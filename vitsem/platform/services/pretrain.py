@@ -9,20 +9,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from vitsem.data.shortcut import ShortcutDataset
 from vitsem.digests import json_digest
 from vitsem.errors import PretrainInputError
-from vitsem.method.concentration import TokenGrid
+from vitsem.method.keypoints import ViewedKeypoints
 from vitsem.method.models import save_checkpoint
 from vitsem.method.view import ModelView
 from vitsem.platform.services.context import Context, context
 from vitsem.platform.services.keypoints import KeypointStore
 from vitsem.platform.settings import Settings
-from vitsem.pretrain.data import encoder_view, semantic_weights
-from vitsem.pretrain.loop import PretrainConfig, PretrainData, PretrainState, pretrain, save_state
+from vitsem.pretrain.data import assemble_pretrain_data, benchmark_splits, encoder_view
+from vitsem.pretrain.loop import PretrainConfig, PretrainState, pretrain, save_state
 
 
 @dataclass
@@ -39,18 +35,15 @@ class PretrainRun:
     mlflow_run_id: str | None
 
 
-def pretrain_weights(ctx: Context, dataset_id: int, paths: Sequence[str], view: ModelView,
-                     grid: TokenGrid) -> tuple[list[str], np.ndarray, torch.Tensor, list[str]]:
-    """The usable paths, their views (M, H, W, 3), keypoint weights (M, N) on the encoder's
-    grid from the keypoint store (computed and stored for images it lacks) and image hashes;
-    bad files are rejected and left out."""
+def stored_views(ctx: Context, dataset_id: int, paths: Sequence[str], view: ModelView
+                 ) -> tuple[list[ViewedKeypoints], list[str]]:
+    """The usable images with their views and keypoints from the keypoint store (computed
+    and stored for images it lacks; bad files are rejected and left out) and their hashes."""
     store = KeypointStore(ctx, dataset_id, view, paths)
     items = store.get_many(paths)
     if not items:
         raise PretrainInputError(f"all {len(paths)} images were rejected; nothing to train on")
-    views = np.stack([it.view for it in items])
-    return ([it.path for it in items], views,
-            semantic_weights([it.keypoints for it in items], grid), store.report.image_sha256)
+    return items, store.report.image_sha256
 
 
 EpochLogger = Callable[[str | None, dict[str, float]], str | None]
@@ -64,17 +57,11 @@ def pretrain_run(settings: Settings, dataset_id: int, data_root: str, cfg: Pretr
     complete state to the artifact store after every epoch and resuming from the last one
     when the same run (config + images) was interrupted."""
     ctx = context(settings)
-    ds = ShortcutDataset.load(data_root)
     view, grid = encoder_view(cfg)
-    labels = {str(ds.root / s.file): s.label for s in ds.samples}
-    train = [str(ds.root / s.file) for s in ds.split("train")][:limit]
-    test = [str(ds.root / s.file) for s in ds.split("test")]
-    tr_paths, tr_views, weights, hashes = pretrain_weights(ctx, dataset_id, train, view, grid)
-    te_paths, te_views, _, _ = pretrain_weights(ctx, dataset_id, test, view, grid)
-    x_tr, x_te = view.to_tensor(tr_views), view.to_tensor(te_views)
-    y_tr = torch.tensor([labels[p] for p in tr_paths])
-    y_te = torch.tensor([labels[p] for p in te_paths])
-    data = PretrainData(x_tr, weights, (x_tr, y_tr, x_te, y_te))
+    train_paths, test_paths, labels = benchmark_splits(data_root, limit)
+    train, hashes = stored_views(ctx, dataset_id, train_paths, view)
+    test, _ = stored_views(ctx, dataset_id, test_paths, view)
+    data = assemble_pretrain_data(train, test, labels, view, grid, cfg.semantic)
     run_key = json_digest({"cfg": cfg.to_dict(), "images": hashes})
     prefix = f"pretrain/{run_key}"
     latest_key = f"{prefix}/latest.json"
