@@ -25,7 +25,6 @@ user passes masks. Written in the layout of :class:`vitsem.data.shortcut.Shortcu
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,13 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from vitsem.data.shortcut import DATASET_INFO, GLYPHS, MANIFEST, Sample, _background
+from vitsem.data.shortcut import (
+    GLYPHS,
+    Sample,
+    _background,
+    save_image_and_mask,
+    write_manifest,
+)
 from vitsem.errors import ConfigError
 from vitsem.method.keypoints import default_workers, parallel_map
 
@@ -254,12 +259,7 @@ def render_composed(spec: ComposedSpec, split: str, index: int
 def _write(job: tuple[ComposedSpec, str, int, str]) -> dict[str, Any]:
     spec, split, index, root = job
     img, mask, sample = render_composed(spec, split, index)
-    for rel, arr in ((sample.file, cv2.cvtColor(img, cv2.COLOR_RGB2BGR)), (sample.mask, mask)):
-        target = Path(root) / rel
-        tmp = target.with_name(target.name + ".tmp.png")
-        cv2.imwrite(str(tmp), arr)
-        tmp.replace(target)
-    return asdict(sample)
+    return save_image_and_mask(root, sample, img, mask)
 
 
 def make_composed_dataset(out_dir: str | Path, spec: ComposedSpec = ComposedSpec(), *,
@@ -275,12 +275,6 @@ def make_composed_dataset(out_dir: str | Path, spec: ComposedSpec = ComposedSpec
             for i in range(counts[split])]
     rows = list(parallel_map(_write, jobs, default_workers() if workers is None else workers,
                              chunksize=64))
-    tmp = root / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(root / MANIFEST)
-    info = {"kind": COMPOSED_KIND, "version": 1, "spec": asdict(spec),
-            "class_names": spec.class_names, "counts": counts}
-    (root / DATASET_INFO).write_text(json.dumps(info, indent=2))
+    write_manifest(root, rows, {"kind": COMPOSED_KIND, "version": 1, "spec": asdict(spec),
+                                "class_names": spec.class_names, "counts": counts})
     return root

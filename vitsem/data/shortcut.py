@@ -12,7 +12,7 @@ image i of a split draws from its own generator seeded by (seed, split, i).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -260,16 +260,33 @@ def render_sample(spec: ShortcutSpec, split: str, index: int
     return img, mask * 255, sample
 
 
-def _write_sample(job: tuple[ShortcutSpec, str, int, str]) -> dict[str, Any]:
-    spec, split, index, root = job
-    img, mask, sample = render_sample(spec, split, index)
-    out = Path(root)
+def save_image_and_mask(root: str | Path, sample: Sample, img: np.ndarray, mask: np.ndarray
+                        ) -> dict[str, Any]:
+    """Write a sample's (H, W, 3) RGB image and (H, W) mask as PNGs, each atomically (a
+    killed writer leaves no half file under the final name); returns its manifest row."""
     for rel, arr in ((sample.file, cv2.cvtColor(img, cv2.COLOR_RGB2BGR)), (sample.mask, mask)):
-        target = out / rel
+        target = Path(root) / rel
         tmp = target.with_name(target.name + ".tmp.png")
         cv2.imwrite(str(tmp), arr)
         tmp.replace(target)
     return asdict(sample)
+
+
+def write_manifest(root: Path, rows: Iterable[object], info: dict[str, Any]) -> Path:
+    """``manifest.jsonl`` (one row per sample, atomically) and ``dataset.json`` under ``root``."""
+    tmp = root / (MANIFEST + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(root / MANIFEST)
+    (root / DATASET_INFO).write_text(json.dumps(info, indent=2))
+    return root
+
+
+def _write_sample(job: tuple[ShortcutSpec, str, int, str]) -> dict[str, Any]:
+    spec, split, index, root = job
+    img, mask, sample = render_sample(spec, split, index)
+    return save_image_and_mask(root, sample, img, mask)
 
 
 def make_shortcut_dataset(out_dir: str | Path, spec: ShortcutSpec = ShortcutSpec(), *,
@@ -285,16 +302,9 @@ def make_shortcut_dataset(out_dir: str | Path, spec: ShortcutSpec = ShortcutSpec
             for i in range(n)]
     n_workers = default_workers() if workers is None else workers
     rows = list(parallel_map(_write_sample, jobs, n_workers, chunksize=64))
-    tmp = root / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(root / MANIFEST)
-    info = {"kind": "vitsem-shortcut-benchmark", "version": 1, "spec": asdict(spec),
-            "class_names": spec.class_names, "counts": {"train": spec.n_train,
-                                                        "test": spec.n_test}}
-    (root / DATASET_INFO).write_text(json.dumps(info, indent=2))
-    return root
+    return write_manifest(root, rows, {
+        "kind": "vitsem-shortcut-benchmark", "version": 1, "spec": asdict(spec),
+        "class_names": spec.class_names, "counts": {"train": spec.n_train, "test": spec.n_test}})
 
 
 @dataclass
