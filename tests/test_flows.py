@@ -4,6 +4,7 @@ a real S3 protocol server, threads or a Dask cluster."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -189,13 +190,23 @@ def test_s3_outage_during_a_flow_is_retried_and_the_flow_completes(
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/outage")
+    retries: list[str] = []
+    recorder = logging.Handler(logging.WARNING)
+    recorder.emit = lambda record: retries.append(record.getMessage())  # type: ignore[method-assign]
+    store_log = logging.getLogger("vitsem.platform.storage")
+    store_log.addHandler(recorder)
     proxy.down()  # the endpoint is down when the flow starts ...
     t0 = time.monotonic()
     threading.Timer(4.0, proxy.up).start()  # ... and comes back 4 s later
-    out = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
-                                     shard_size=4))
+    try:
+        out = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
+                                         shard_size=4))
+    finally:
+        store_log.removeHandler(recorder)
     assert out["computed"] == 12 and out["rejected"] == 2
-    assert time.monotonic() - t0 >= 4.0  # the flow really waited out the outage
+    # The outage was really hit: the store retried refused requests, and waited it out.
+    assert any("retrying" in m for m in retries), retries
+    assert time.monotonic() - t0 >= 4.0
 
 
 def test_permanent_store_fault_fails_clearly_and_loses_nothing(
