@@ -119,6 +119,8 @@ class TcpProxy:
         self.up()
 
     def up(self) -> None:
+        if self._server is not None:
+            return
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", self.port))
