@@ -112,6 +112,30 @@ def _overhead(args: argparse.Namespace) -> None:
     print(f"overhead ratio flow / bare  : {flowed / bare:8.3f}   target <= 1.15")
 
 
+DEFAULT_MODEL_CHILD = """
+import pathlib, sys
+try:
+    from vitsem.data.defaults import ensure_default_model
+except ImportError:  # before the architecture issue
+    from vitsem.cli import ensure_default_model
+data, ckpt = ensure_default_model(pathlib.Path(sys.argv[1]))
+print("RESULT", data, ckpt)
+"""
+
+
+def _default_model(code: Path, home: Path) -> tuple[Path, Path]:
+    """The demo's benchmark and tiny ViT as made by the code in ``code`` (the baseline's: a
+    later generator writes manifest fields an earlier reader refuses)."""
+    proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL_CHILD, str(home)], cwd=code,
+                          env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the default model in {code} failed:\n{proc.stderr[-3000:]}")
+    data, ckpt = lines[-1].split()[1:]
+    return Path(data), Path(ckpt)
+
+
 def _checkout(commit: str, dest: Path) -> Path:
     """The tree of ``commit`` exported into ``dest`` (no git state is changed)."""
     dest.mkdir(parents=True)
@@ -137,13 +161,11 @@ def _model_audit_once(code: Path, data: Path, ckpt: Path, home: Path) -> dict[st
 
 
 def _model_audit(args: argparse.Namespace) -> None:
-    from vitsem.data.defaults import ensure_default_model
-
     tmp = Path(tempfile.mkdtemp(prefix="vitsem-bench-audit-"))
     cache = Path(args.cache) if args.cache else tmp / "default"
-    data, ckpt = ensure_default_model(cache)  # the demo's benchmark and tiny ViT
     trees = {"before": _checkout(args.before, tmp / "before"),
              "after": _checkout(args.after, tmp / "after") if args.after else ROOT}
+    data, ckpt = _default_model(trees["before"], cache)  # the demo's benchmark and tiny ViT
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(args.repeats):
         for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
