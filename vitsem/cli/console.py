@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vitsem.paths import path_text
 from vitsem.render.verdicts import verdict, verdict_label
 
 console = Console()
@@ -87,7 +88,10 @@ def print_pretrain(masker: str, history: Sequence[Mapping[str, float]]) -> None:
     console.print(table)
 
 
-def print_rejected(rejected: Sequence[Any]) -> None:
-    for r in rejected:
-        console.print(f"  [yellow]skipped[/] {escape(str(r.path))}: {r.reason}: "
+def print_rejected(rejected: Sequence[Any], limit: int = 30) -> None:
+    """The first ``limit`` skipped files with their reason (all are in rejected.jsonl)."""
+    for r in rejected[:limit]:
+        console.print(f"  [yellow]skipped[/] {escape(path_text(r.path))}: {escape(r.reason)}: "
                       f"{escape(r.detail)}")
+    if len(rejected) > limit:
+        console.print(f"  ... and {len(rejected) - limit} more (see rejected.jsonl)")

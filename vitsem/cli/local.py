@@ -140,12 +140,13 @@ def sift(
     from vitsem.render.files import KeypointTableWriter, write_rejected
 
     net, _spec = load(model, checkpoint, pretrained)
-    files = inputs_of(inputs, split).paths
+    found = inputs_of(inputs, split)
+    files = found.paths
     view = ModelView.from_model(net)
     grid = token_layout(net, view.hw).grid
     out.mkdir(parents=True, exist_ok=True)
     writer = KeypointTableWriter(out, grid, weighting)
-    rejected = []
+    rejected = list(found.rejected)
     with progress() as bar:
         task = bar.add_task("SIFT", total=len(files))
         for item in sift_files(files, view, workers=workers):
@@ -186,6 +187,7 @@ def analyze(
     rejected.jsonl and PNG pictures to --out, and prints the semantic layer profile."""
     from vitsem.method.concentration import SemanticConfig
     from vitsem.method.pipeline import AnalysisConfig, analyze_images
+    from vitsem.paths import path_text
     from vitsem.render.files import PerImageWriter, stats_document, write_pictures, write_rejected
 
     cfg = AnalysisConfig(semantic=SemanticConfig(weighting=weighting, levels=levels),
@@ -202,9 +204,10 @@ def analyze(
         result = analyze_images(net, found.paths, cfg, on_rows=writer,
                                 progress=lambda n: bar.update(task, completed=n))
     writer.close()
+    result.rejected = [*found.rejected, *result.rejected]  # entries that are not image files
     meta = {"model": spec.name, "model_kwargs": spec.kwargs,
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "inputs": [str(p) for p in (inputs or [])]}
+            "inputs": [path_text(p) for p in (inputs or [])]}
     (out / "stats.json").write_text(json.dumps(stats_document(result, meta), indent=1))
     write_rejected(out / "rejected.jsonl", result.rejected)
     pictures = write_pictures(result, out, names) if result.num_images else []

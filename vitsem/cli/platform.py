@@ -11,7 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from vitsem.cli.app import command, db_app
-from vitsem.cli.console import console, print_audit, print_pretrain, print_profile
+from vitsem.cli.console import (
+    console,
+    print_audit,
+    print_pretrain,
+    print_profile,
+    print_rejected,
+)
 from vitsem.cli.local import CheckpointOpt, ModelOpt, SplitOpt, default_model
 
 AUDIT_CRON = "0 3 * * *"
@@ -46,15 +52,20 @@ def audit(
     services; embedded defaults otherwise) and copies report.html, its PNGs and the JSON
     results into --out. With no data: the shipped benchmark and its tiny ViT."""
     from flows.spurious_audit import AuditParams, spurious_audit
+    from vitsem.method.keypoints import Rejected
     from vitsem.platform.services.audit import REPORT_PREFIX, copy_report
     from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
+    from vitsem.render.files import write_rejected
 
     params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
                          top_fraction=top_fraction)
     result = spurious_audit(params)
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
+    rejected = [Rejected(**r) for r in result["rejected_files"]]
+    write_rejected(out / "rejected.jsonl", rejected)
+    print_rejected(rejected)
     console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
                   f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
 

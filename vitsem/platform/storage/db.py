@@ -214,5 +214,16 @@ class MetadataStore:
             assert found is not None
             return found
 
+    def record_rejected(self, dataset_id: int, rejected: Sequence[dict[str, str]]) -> None:
+        """Index entries of a data set that are not images to process (``path``, ``reason``,
+        ``detail``) as ``rejected`` images, once however often they are seen."""
+        rows = [{"dataset_id": dataset_id, "path": r["path"], "sha256": None,
+                 "size_bytes": None, "status": "rejected", "rejection_reason": r["reason"],
+                 "rejection_detail": r["detail"]} for r in rejected]
+        with self.session() as s:
+            for i in range(0, len(rows), 500):  # within SQLite's bound on parameters
+                upsert(s, Image, rows[i:i + 500], ["dataset_id", "path"],
+                       update=["status", "rejection_reason", "rejection_detail"])
+
     def __repr__(self) -> str:
         return f"MetadataStore({redact(self.url)!r})"
