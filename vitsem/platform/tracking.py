@@ -3,19 +3,66 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from vitsem.method.pipeline import AnalysisResult
 from vitsem.platform.settings import Settings, redact
+from vitsem.platform.storage.db import serialised
+
+log = logging.getLogger("vitsem.platform.tracking")
+
+_READY: set[str] = set()
+_READY_LOCK = threading.Lock()
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _set_up_race(error: BaseException) -> bool:
+    """An error of two clients creating MLflow's tables at once (SQLite: 'table ... already
+    exists'; PostgreSQL: a duplicate type or SQLAlchemy's CircularDependencyError)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(s in text for s in ("already exists", "CircularDependencyError",
+                                   "duplicate key", "UniqueViolation"))
+
+
+def ensure_store(client: Any, uri: str, attempts: int = 5) -> None:
+    """Create MLflow's tables in a database tracking store once, before any run uses it.
+
+    MLflow creates its schema on a client's first use without a lock, so two runs starting
+    together on a fresh store fail ('table secrets already exists', CircularDependencyError).
+    Here the first use holds :func:`~vitsem.platform.storage.db.serialised` (a lock file on
+    this machine, an advisory lock on PostgreSQL) and an 'already exists' from a process
+    that does not take it is retried. Once per process and store."""
+    if uri in _READY or uri.split(":", 1)[0].split("+")[0] not in _DATABASE_SCHEMES:
+        return
+    with _READY_LOCK:
+        if uri in _READY:
+            return
+        with serialised(uri, "mlflow-schema"):
+            for attempt in range(1, attempts + 1):
+                try:
+                    client.search_experiments(max_results=1)
+                    break
+                except Exception as e:
+                    if attempt == attempts or not _set_up_race(e):
+                        raise
+                    log.warning("MLflow store set-up raced another client (%s); retrying",
+                                type(e).__name__)
+                    time.sleep(0.5 * attempt)
+        _READY.add(uri)
 
 
 def _client(settings: Settings) -> Any:
     import mlflow
 
-    mlflow.set_tracking_uri(settings.resolved_mlflow_uri())
-    return mlflow.MlflowClient(settings.resolved_mlflow_uri())
+    uri = settings.resolved_mlflow_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    ensure_store(client, uri)
+    return client
 
 
 def experiment_id(settings: Settings, flow_name: str) -> str:

@@ -7,6 +7,9 @@ shard is one row however often a flow runs. Works on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -179,15 +183,48 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+@contextmanager
+def serialised(url: str, name: str) -> Iterator[None]:
+    """Hold the lock ``name`` of the database at ``url``: one holder at a time among the
+    threads and processes of this machine (a lock file), and for PostgreSQL among every
+    client of the server too (an advisory lock). For one-off set-up that is not safe to run
+    twice at once: creating a schema, applying migrations."""
+    digest = hashlib.sha256(f"{redact(url)}\0{name}".encode()).digest()
+    lock_path = Path(tempfile.gettempdir()) / f"vitsem-{name}-{digest[:8].hex()}.lock"
+    with open(lock_path, "a+b") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if url.startswith("postgresql"):
+                key = int.from_bytes(digest[:8], "big", signed=True)
+                engine = create_engine(url)
+                try:
+                    with engine.connect() as conn:
+                        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                        conn.commit()
+                        try:
+                            yield
+                        finally:
+                            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                            conn.commit()
+                finally:
+                    engine.dispose()
+            else:
+                yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations to ``url`` (``vitsem db upgrade``)."""
+    """Apply the Alembic migrations to ``url`` (``vitsem db upgrade``); concurrent callers
+    take turns (:func:`serialised`), so two runs starting on a fresh database both work."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["url"] = url
-    command.upgrade(cfg, revision)
+    with serialised(url, "migrate"):
+        command.upgrade(cfg, revision)
 
 
 class MetadataStore:
