@@ -53,7 +53,7 @@ def make_task_runner(settings: Settings | None = None) -> Any:
             return DaskTaskRunner(address=settings.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
                                               "threads_per_worker": 1, "processes": True})
-    return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    return ThreadPoolTaskRunner(max_workers=settings.task_concurrency())
 
 
 def retry_transient(_task: Any, _run: Any, state: Any) -> bool:

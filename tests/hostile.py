@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 HOSTILE_NAMES = [
-    "<img src=x onerror=alert(1)>", "[x](javascript:alert(1))", "a|b|c", "<script>alert(1)<\\u2215script>",
+    "<img src=x onerror=alert(1)>", "[x](javascript:alert(1))", "a|b|c",
+    "<script>alert(1)<\u2215script>",
     "**bold** _it_", "# heading", "`code`", "$\\frac{1}{0}$", "x\ny", "tab\there",
     "'; DROP TABLE images; --", "%s%n%x", "\u202egnp.exe", "-rf", " lead", "trail ",
     "日本語", "🙂emoji", "back\\slash", "a&amp;b", "{{7*7}}", "dots..", "quote\"d", "\r\ncr",

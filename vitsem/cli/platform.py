@@ -113,6 +113,26 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     console.print(f"database at {settings.public_dict()['database_url']} is at {revision}")
 
 
+@command(db_app, "housekeeping")
+def db_housekeeping(
+    stale_after: Annotated[float, typer.Option(
+        help="Seconds without a heartbeat after which a running run is taken for crashed.")
+    ] = 600.0,
+    older_than: Annotated[float, typer.Option(
+        help="Seconds after which a temporary file of an unfinished write is removed.")
+    ] = 3600.0,
+) -> None:
+    """Mark runs whose process died (SIGKILL, out of memory) as crashed and remove the
+    temporary files killed writes left behind."""
+    from vitsem.platform.housekeeping import housekeeping
+    from vitsem.platform.settings import Settings
+
+    done = housekeeping(Settings(), stale_after, older_than)
+    ids = f" ({', '.join(map(str, done.crashed_runs))})" if done.crashed_runs else ""
+    console.print(f"{len(done.crashed_runs)} run(s) marked crashed{ids}; "
+                  f"{len(done.removed)} stale temporary file(s) removed")
+
+
 @command(name="settings")
 def show_settings() -> None:
     """Show the resolved settings (secrets redacted)."""

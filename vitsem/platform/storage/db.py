@@ -100,10 +100,15 @@ class FlowRun(Base):
     prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(32), default="running")
+    status: Mapped[str] = mapped_column(String(32), default="running", index=True)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    host: Mapped[str | None] = mapped_column(String(255))
+    """Machine and process of a ``running`` run, and when it last showed life: a run whose
+    process is gone, or whose heartbeat stopped, is closed as ``crashed`` by the next run."""
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AnalysisShard(Base):
