@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import VitsemError
+from vitsem.paths import path_text
 from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
     ShardReport,
@@ -108,7 +109,7 @@ def register_inputs(settings: Settings, params: DataParams) -> tuple[int, InputS
     loaded = load_model_cached(params.model, params.checkpoint)
     register_model(ctx, loaded)
     dataset_id = ctx.meta.dataset(inputs.uri, inputs.name)
-    ctx.meta.record_rejected(dataset_id, [asdict(r) for r in inputs.rejected])
+    ctx.meta.record_rejected(dataset_id, input_report(inputs).rejected)
     get_run_logger().info("%s: %d images, %d other entries, model %s (%s)", inputs.name,
                           len(inputs.items), len(inputs.rejected), loaded.spec.name,
                           loaded.checksum[:12])
@@ -122,7 +123,8 @@ def shards(files: Sequence[str], size: int) -> list[list[str]]:
 def input_report(inputs: InputSet) -> ShardReport:
     """The entries of the input folders that are not image files, as a report (shard -1)
     beside the shards' own."""
-    return ShardReport(-1, rejected=[asdict(r) for r in inputs.rejected])
+    return ShardReport(-1, rejected=[asdict(r) | {"path": path_text(r.path)}
+                                     for r in inputs.rejected])
 
 
 def totals(reports: Sequence[ShardReport], inputs: InputSet | None = None) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def test_every_entry_is_processed_or_rejected_with_a_reason(
     assert hf.hostile >= 60
     found = resolve_inputs(hf.root)
     assert found.labelled and found.class_names == sorted(EVIL_CLASSES)
-    entry_level = {path_from_text(r.path): r.reason for r in found.rejected}
+    entry_level = {r.path: r.reason for r in found.rejected}
     decoder_level = {p: r for p, r in hf.bad.items() if p not in entry_level}
     for p, reason in entry_level.items():
         assert hf.bad.get(p) == reason, (p, reason)

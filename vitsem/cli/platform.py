@@ -53,6 +53,7 @@ def audit(
     results into --out. With no data: the shipped benchmark and its tiny ViT."""
     from flows.spurious_audit import AuditParams, spurious_audit
     from vitsem.method.keypoints import Rejected
+    from vitsem.paths import path_from_text
     from vitsem.platform.services.audit import REPORT_PREFIX, copy_report
     from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
@@ -63,7 +64,8 @@ def audit(
     result = spurious_audit(params)
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
-    rejected = [Rejected(**r) for r in result["rejected_files"]]
+    rejected = [Rejected(path_from_text(r["path"]), r["reason"], r["detail"])
+                for r in result["rejected_files"]]
     write_rejected(out / "rejected.jsonl", rejected)
     print_rejected(rejected)
     console.print(f"{result['images']} images audited, {result['rejected']} rejected; "

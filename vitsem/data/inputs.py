@@ -92,7 +92,7 @@ def _benchmark(root: Path, split: str) -> InputSet:
 
 
 def _reject(rejected: list[Rejected], path: str, reason: str, extra: str = "") -> None:
-    rejected.append(Rejected(path_text(path), reason, ENTRY_REASONS[reason] + extra))
+    rejected.append(Rejected(path, reason, ENTRY_REASONS[reason] + extra))
 
 
 def scan_folder(root: Path) -> tuple[list[Path], list[Rejected]]:
