@@ -185,7 +185,7 @@ def hostile(small_dataset: Path, small_checkpoint: Path,
     ckpt = save_checkpoint(net, evil, base / "evil.safetensors")
     # The data folder's own name is hostile too: it is shown in the report and summaries.
     root = base / "data <i onmouseover=alert(1)>x [y](javascript:alert(1)) |"
-    sources = sorted((small_dataset / "images" / "test").glob("*.png"))[:12]
+    sources = sorted((small_dataset / "images" / "test").glob("*.png"))[:6]
     return make_hostile_folder(root, sources, EVIL_CLASSES, base / "outside"), ckpt
 
 
@@ -257,11 +257,12 @@ def test_hostile_folder_through_sift_analyze_and_audit(
     good = {str(Path(p)) for p in hf.good}
     runner = CliRunner()
     for cmd in ("sift", "analyze", "audit"):
+        t = time.perf_counter()
         out = tmp_path / cmd
         extra = [] if cmd == "audit" else ["--workers", "1"]
         result = runner.invoke(app, [cmd, str(hf.root), "--checkpoint", str(ckpt), "--out",
                                      str(out), *extra])
-        print(cmd, result.exit_code, result.output[-600:])
+        print(cmd, result.exit_code, f"{time.perf_counter() - t:.0f} s", result.output[-600:])
         assert result.exit_code == 0, result.output
         rejected = _rejected_of(out / "rejected.jsonl")
         assert rejected == hf.bad  # every bad entry, with its reason; no good image

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 
 from vitsem.cli.app import command, data_app, home
 from vitsem.cli.console import console, print_profile, print_rejected, print_train_result, progress
@@ -92,7 +93,7 @@ def data_make(
     spec.validate()
     with console.status("rendering images"):
         root = make_shortcut_dataset(out, spec)
-    console.print(f"wrote {n_train + n_test} images to [bold]{root}[/]")
+    console.print(f"wrote {n_train + n_test} images to [bold]{escape(str(root))}[/]")
 
 
 @command()
@@ -116,7 +117,7 @@ def train(
         result = train_classifier(data, out, TrainConfig(epochs=epochs, depth=depth, seed=seed),
                                   progress=report)
     print_train_result(result)
-    console.print(f"checkpoint: [bold]{out}[/]")
+    console.print(f"checkpoint: [bold]{escape(str(out))}[/]")
 
 
 @command()
@@ -160,7 +161,7 @@ def sift(
     n, kps = writer.images, writer.keypoints
     console.print(f"{n} images, {kps} keypoints ({kps / max(n, 1):.1f} per image), "
                   f"{len(rejected)} rejected; grid {grid.grid_hw[0]}x{grid.grid_hw[1]} -> "
-                  f"[bold]{out}[/]")
+                  f"[bold]{escape(str(out))}[/]")
     print_rejected(rejected)
 
 
@@ -216,5 +217,6 @@ def analyze(
                   f"{result.num_layers} layers x {result.num_heads} heads; grid "
                   f"{result.layout.grid.grid_hw[0]}x{result.layout.grid.grid_hw[1]}")
     print_rejected(result.rejected)
-    console.print(f"results in [bold]{out}[/]: stats.json, per_image.parquet, rejected.jsonl, "
+    console.print(f"results in [bold]{escape(str(out))}[/]: stats.json, per_image.parquet, "
+                  "rejected.jsonl, "
                   f"{len(pictures)} pictures")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from vitsem.cli.app import command, db_app
 from vitsem.cli.console import (
@@ -69,7 +70,8 @@ def audit(
     write_rejected(out / "rejected.jsonl", rejected)
     print_rejected(rejected)
     console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
-                  f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
+                  f"report: [bold]{escape(str(out / 'report.html'))}[/] "
+                  f"(stored at {escape(result['report_uri'])})")
 
 
 @command()
