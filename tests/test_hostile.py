@@ -269,8 +269,12 @@ def test_hostile_folder_through_sift_analyze_and_audit(
     # Every good image processed, with a name that round-trips (Parquet holds valid text).
     table = pq.read_table(tmp_path / "analyze" / "per_image.parquet").to_pylist()
     assert {path_from_text(r["path"]) for r in table} == good
-    sift_paths = pq.read_table(tmp_path / "sift" / "images.parquet").column("path").to_pylist()
-    assert {path_from_text(p) for p in sift_paths} == good
+    sift_table = pq.read_table(tmp_path / "sift" / "images.parquet")
+    assert sift_table.column_names == ["path", "num_keypoints", "semantic_patches",
+                                       "concentration"]
+    assert {path_from_text(p) for p in sift_table.column("path").to_pylist()} == good
+    kp_paths = pq.read_table(tmp_path / "sift" / "keypoints.parquet").column("path")
+    assert {path_from_text(p) for p in kp_paths.to_pylist()} <= good
     doc = json.loads((tmp_path / "analyze" / "stats.json").read_text())
     assert doc["num_images"] == len(good) and doc["num_rejected"] == len(hf.bad)
     audit_rows = [json.loads(x) for x in (tmp_path / "audit" / "images.jsonl").read_text()

@@ -28,22 +28,27 @@ def _set_up_race(error: BaseException) -> bool:
                                    "duplicate key", "UniqueViolation"))
 
 
-def ensure_store(client: Any, uri: str, attempts: int = 5) -> None:
-    """Create MLflow's tables in a database tracking store once, before any run uses it.
+def open_client(uri: str, attempts: int = 5) -> Any:
+    """An MLflow client of ``uri``; its first use in this process, for a database store,
+    creates MLflow's tables under a lock.
 
-    MLflow creates its schema on a client's first use without a lock, so two runs starting
-    together on a fresh store fail ('table secrets already exists', CircularDependencyError).
-    Here the first use holds :func:`~vitsem.platform.storage.db.serialised` (a lock file on
-    this machine, an advisory lock on PostgreSQL) and an 'already exists' from a process
-    that does not take it is retried. Once per process and store."""
+    MLflow creates its schema when a client is constructed, without a lock, so two runs
+    starting together on a fresh store fail ('table secrets already exists', 'duplicate
+    column', CircularDependencyError). Here the first construction holds
+    :func:`~vitsem.platform.storage.db.serialised` (a lock file on this machine, an advisory
+    lock on PostgreSQL), and a set-up error caused by a client that does not take it is
+    retried."""
+    import mlflow
+
     if uri in _READY or uri.split(":", 1)[0].split("+")[0] not in _DATABASE_SCHEMES:
-        return
+        return mlflow.MlflowClient(uri)
     with _READY_LOCK:
         if uri in _READY:
-            return
+            return mlflow.MlflowClient(uri)
         with serialised(uri, "mlflow-schema"):
             for attempt in range(1, attempts + 1):
                 try:
+                    client = mlflow.MlflowClient(uri)
                     client.search_experiments(max_results=1)
                     break
                 except Exception as e:
@@ -53,6 +58,7 @@ def ensure_store(client: Any, uri: str, attempts: int = 5) -> None:
                                 type(e).__name__)
                     time.sleep(0.5 * attempt)
         _READY.add(uri)
+        return client
 
 
 def _client(settings: Settings) -> Any:
@@ -60,9 +66,7 @@ def _client(settings: Settings) -> Any:
 
     uri = settings.resolved_mlflow_uri()
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    ensure_store(client, uri)
-    return client
+    return open_client(uri)
 
 
 def experiment_id(settings: Settings, flow_name: str) -> str:

@@ -91,7 +91,8 @@ class KeypointTableWriter:
         rows = []
         for it in self._pending:
             c = concentration(it.keypoints, self.grid, self.weighting)
-            rows.append({"path": it.path,  # as text when written (PerImageWriter) "num_keypoints": len(it.keypoints),
+            # The path is written as text by PerImageWriter.
+            rows.append({"path": it.path, "num_keypoints": len(it.keypoints),
                          "semantic_patches": int((c > 0).sum()), "concentration": c.tolist()})
             self.keypoints += len(it.keypoints)
         self._images(rows)
