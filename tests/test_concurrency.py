@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_a_killed_run_is_marked_crashed_and_its_temp_files_swept(
     monkeypatch.setenv("VITSEM_HOME", str(home))
     for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
+    # Report scratch folders are swept from the system's temporary folder: this test's own.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    old_scratch = scratch / "vitsem-analysis-old"
+    old_scratch.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(small_dataset),
                              str(small_checkpoint)], env=env, stdout=subprocess.DEVNULL,
@@ -158,13 +165,15 @@ def test_a_killed_run_is_marked_crashed_and_its_temp_files_swept(
     fresh.write_bytes(b"being written")
     old = time.time() - 7200
     os.utime(stale, (old, old))
+    os.utime(old_scratch, (old, old))
     result = CliRunner().invoke(app, ["db", "housekeeping"])
     print(result.output)
     assert result.exit_code == 0, result.output
-    assert "1 run(s) marked crashed (1); 1 stale temporary file(s) removed" in " ".join(
+    assert "1 run(s) marked crashed (1); 2 stale temporary file(s) removed" in " ".join(
         result.output.split())
     assert _statuses(url) == ["crashed"]
-    assert not stale.exists() and fresh.exists()  # a live write's file is left alone
+    assert not stale.exists() and not old_scratch.exists()
+    assert fresh.exists()  # a live write's file is left alone
 
 
 def test_next_run_reaps_dead_and_silent_runs_only(tmp_path: Path,
