@@ -13,6 +13,7 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    input_report,
     make_task_runner,
     publish,
     register_inputs,
@@ -76,8 +77,8 @@ def run_analysis(settings: Settings, dataset_id: int, inputs: InputSet, params: 
     futures = analyze_shard.map(unmapped(settings), unmapped(dataset_id),
                                 list(range(len(parts))), parts, unmapped(params))
     reports = [f.result() for f in futures]
-    result, files = merge_and_report(settings, dataset_id, reports, params,
-                                     inputs.paths[: params.examples])
+    result, files = merge_and_report(settings, dataset_id, [input_report(inputs), *reports],
+                                     params, inputs.paths[: params.examples])
     return reports, result, files
 
 
@@ -94,7 +95,7 @@ def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
         dataset_id, inputs = register_inputs(settings, params)
         reports, result, files = run_analysis(settings, dataset_id, inputs, params)
         run.mlflow_run_id = track_analysis(settings, params, result, files)
-        run.summary = totals(reports) | {"images": result.num_images,
+        run.summary = totals(reports, inputs) | {"images": result.num_images,
                                          "mlflow_run_id": run.mlflow_run_id}
         table = profile_table(result)
         create_table_artifact(key="semantic-layer-profile", table=table,
@@ -103,6 +104,6 @@ def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
         if url:
             create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
         publish("attention-analysis-summary", summary_markdown(
-            "Attention analysis", run.summary, rejected_files(reports),
+            "Attention analysis", run.summary, rejected_files(reports, inputs),
             profile_markdown(table) + f"\n\nMLflow run: {url or run.mlflow_run_id}"))
     return run.summary | {"layer_profile": table}

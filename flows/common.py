@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import VitsemError
+from vitsem.paths import path_text
 from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
     ShardReport,
@@ -52,7 +54,7 @@ def make_task_runner(settings: Settings | None = None) -> Any:
             return DaskTaskRunner(address=settings.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
                                               "threads_per_worker": 1, "processes": True})
-    return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    return ThreadPoolTaskRunner(max_workers=settings.task_concurrency())
 
 
 def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
@@ -107,8 +109,10 @@ def register_inputs(settings: Settings, params: DataParams) -> tuple[int, InputS
     loaded = load_model_cached(params.model, params.checkpoint)
     register_model(ctx, loaded)
     dataset_id = ctx.meta.dataset(inputs.uri, inputs.name)
-    get_run_logger().info("%s: %d images, model %s (%s)", inputs.name, len(inputs.items),
-                          loaded.spec.name, loaded.checksum[:12])
+    ctx.meta.record_rejected(dataset_id, input_report(inputs).rejected)
+    get_run_logger().info("%s: %d images, %d other entries, model %s (%s)", inputs.name,
+                          len(inputs.items), len(inputs.rejected), loaded.spec.name,
+                          loaded.checksum[:12])
     return dataset_id, inputs
 
 
@@ -116,8 +120,17 @@ def shards(files: Sequence[str], size: int) -> list[list[str]]:
     return [list(files[i:i + size]) for i in range(0, len(files), size)]
 
 
-def totals(reports: Sequence[ShardReport]) -> dict[str, Any]:
-    rejected = rejected_files(reports)
+def input_report(inputs: InputSet) -> ShardReport:
+    """The entries of the input folders that are not image files, as a report (shard -1)
+    beside the shards' own."""
+    return ShardReport(-1, rejected=[asdict(r) | {"path": path_text(r.path)}
+                                     for r in inputs.rejected])
+
+
+def totals(reports: Sequence[ShardReport], inputs: InputSet | None = None) -> dict[str, Any]:
+    """Counts of a run; ``rejected`` covers the shards' files and the inputs' other
+    entries."""
+    rejected = rejected_files(reports, inputs)
     return {
         "shards": len(reports),
         "computed": sum(r.computed for r in reports),
@@ -127,8 +140,11 @@ def totals(reports: Sequence[ShardReport]) -> dict[str, Any]:
     }
 
 
-def rejected_files(reports: Sequence[ShardReport]) -> list[dict[str, str]]:
-    return [r for rep in reports for r in rep.rejected]
+def rejected_files(reports: Sequence[ShardReport], inputs: InputSet | None = None
+                   ) -> list[dict[str, str]]:
+    """Every rejection: the inputs' other entries first, then each shard's files."""
+    first = input_report(inputs).rejected if inputs is not None else []
+    return first + [r for rep in reports for r in rep.rejected]
 
 
 def publish(key: str, markdown: str, description: str | None = None) -> None:

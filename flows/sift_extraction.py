@@ -46,8 +46,8 @@ def sift_extraction(params: DataParams) -> dict[str, Any]:
     with tracked(settings, "sift_extraction", params) as run:
         dataset_id, inputs = register_inputs(settings, params)
         reports = run_sift(settings, dataset_id, inputs.paths, params)
-        run.summary = totals(reports)
+        run.summary = totals(reports, inputs)
         publish("sift-extraction-summary", summary_markdown(
-            "SIFT extraction", run.summary, rejected_files(reports)),
+            "SIFT extraction", run.summary, rejected_files(reports, inputs)),
             "Images processed, found in the store, rejected")
     return run.summary

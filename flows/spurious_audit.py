@@ -16,6 +16,7 @@ from flows.common import (
     make_task_runner,
     publish,
     register_inputs,
+    rejected_files,
     totals,
     tracked,
 )
@@ -70,7 +71,7 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
         report = run_audit(settings, dataset_id, images, params)
         run.mlflow_run_id = track_audit(settings, params, report)
         s = report.summary
-        run.summary = totals(reports) | {
+        run.summary = totals(reports, inputs) | {
             "images": s["images"], "status": s["status"], "audit_digest": report.digest,
             "cached_audit": report.cached,
             "shortcuts": sum(f["shortcut"] for f in s["findings"].get("semantic", [])),
@@ -79,7 +80,9 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
         if url:
             create_link_artifact(key="mlflow-audit-run", link=url, link_text="MLflow run")
         publish("spurious-audit-summary", summary_markdown(
-            "Spurious-correlation audit", run.summary, report.rejected,
+            "Spurious-correlation audit", run.summary,
+            rejected_files(reports, inputs),
             findings_markdown(s, report.report_uri, [f"MLflow run: {url or run.mlflow_run_id}"])))
     return run.summary | {"findings": s["findings"], "prompts": s["prompts"],
-                          "notes": s["notes"]}
+                          "notes": s["notes"],
+                          "rejected_files": rejected_files(reports, inputs)}

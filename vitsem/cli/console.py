@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vitsem.audit.verdicts import Verdict
+from vitsem.paths import path_text
 
 console = Console()
 
@@ -89,7 +90,10 @@ def print_pretrain(masker: str, history: Sequence[Mapping[str, float]]) -> None:
     console.print(table)
 
 
-def print_rejected(rejected: Sequence[Any]) -> None:
-    for r in rejected:
-        console.print(f"  [yellow]skipped[/] {escape(str(r.path))}: {r.reason}: "
+def print_rejected(rejected: Sequence[Any], limit: int = 30) -> None:
+    """The first ``limit`` skipped files with their reason (all are in rejected.jsonl)."""
+    for r in rejected[:limit]:
+        console.print(f"  [yellow]skipped[/] {escape(path_text(r.path))}: {escape(r.reason)}: "
                       f"{escape(r.detail)}")
+    if len(rejected) > limit:
+        console.print(f"  ... and {len(rejected) - limit} more (see rejected.jsonl)")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 
 from vitsem.cli.app import command, data_app, home
 from vitsem.cli.console import console, print_profile, print_rejected, print_train_result, progress
@@ -92,7 +93,7 @@ def data_make(
     spec.validate()
     with console.status("rendering images"):
         root = make_shortcut_dataset(out, spec)
-    console.print(f"wrote {n_train + n_test} images to [bold]{root}[/]")
+    console.print(f"wrote {n_train + n_test} images to [bold]{escape(str(root))}[/]")
 
 
 @command()
@@ -116,7 +117,7 @@ def train(
         result = train_classifier(data, out, TrainConfig(epochs=epochs, depth=depth, seed=seed),
                                   progress=report)
     print_train_result(result)
-    console.print(f"checkpoint: [bold]{out}[/]")
+    console.print(f"checkpoint: [bold]{escape(str(out))}[/]")
 
 
 @command()
@@ -140,12 +141,13 @@ def sift(
     from vitsem.render.files import KeypointTableWriter, write_rejected
 
     net, _spec = load(model, checkpoint, pretrained)
-    files = inputs_of(inputs, split).paths
+    found = inputs_of(inputs, split)
+    files = found.paths
     view = ModelView.from_model(net)
     grid = token_layout(net, view.hw).grid
     out.mkdir(parents=True, exist_ok=True)
     writer = KeypointTableWriter(out, grid, weighting)
-    rejected = []
+    rejected = list(found.rejected)
     with progress() as bar:
         task = bar.add_task("SIFT", total=len(files))
         for item in sift_files(files, view, workers=workers):
@@ -159,7 +161,7 @@ def sift(
     n, kps = writer.images, writer.keypoints
     console.print(f"{n} images, {kps} keypoints ({kps / max(n, 1):.1f} per image), "
                   f"{len(rejected)} rejected; grid {grid.grid_hw[0]}x{grid.grid_hw[1]} -> "
-                  f"[bold]{out}[/]")
+                  f"[bold]{escape(str(out))}[/]")
     print_rejected(rejected)
 
 
@@ -186,6 +188,7 @@ def analyze(
     rejected.jsonl and PNG pictures to --out, and prints the semantic layer profile."""
     from vitsem.method.concentration import SemanticConfig
     from vitsem.method.pipeline import AnalysisConfig, analyze_images
+    from vitsem.paths import path_text
     from vitsem.render.files import PerImageWriter, stats_document, write_pictures, write_rejected
 
     cfg = AnalysisConfig(semantic=SemanticConfig(weighting=weighting, levels=levels),
@@ -202,9 +205,10 @@ def analyze(
         result = analyze_images(net, found.paths, cfg, on_rows=writer,
                                 progress=lambda n: bar.update(task, completed=n))
     writer.close()
+    result.rejected = [*found.rejected, *result.rejected]  # entries that are not image files
     meta = {"model": spec.name, "model_kwargs": spec.kwargs,
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "inputs": [str(p) for p in (inputs or [])]}
+            "inputs": [path_text(p) for p in (inputs or [])]}
     (out / "stats.json").write_text(json.dumps(stats_document(result, meta), indent=1))
     write_rejected(out / "rejected.jsonl", result.rejected)
     pictures = write_pictures(result, out, names) if result.num_images else []
@@ -213,5 +217,6 @@ def analyze(
                   f"{result.num_layers} layers x {result.num_heads} heads; grid "
                   f"{result.layout.grid.grid_hw[0]}x{result.layout.grid.grid_hw[1]}")
     print_rejected(result.rejected)
-    console.print(f"results in [bold]{out}[/]: stats.json, per_image.parquet, rejected.jsonl, "
+    console.print(f"results in [bold]{escape(str(out))}[/]: stats.json, per_image.parquet, "
+                  "rejected.jsonl, "
                   f"{len(pictures)} pictures")

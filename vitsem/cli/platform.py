@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from vitsem.cli.app import command, db_app
-from vitsem.cli.console import console, print_audit, print_pretrain, print_profile
+from vitsem.cli.console import (
+    console,
+    print_audit,
+    print_pretrain,
+    print_profile,
+    print_rejected,
+)
 from vitsem.cli.local import CheckpointOpt, ModelOpt, SplitOpt, default_model
 
 AUDIT_CRON = "0 3 * * *"
@@ -46,17 +53,25 @@ def audit(
     services; embedded defaults otherwise) and copies report.html, its PNGs and the JSON
     results into --out. With no data: the shipped benchmark and its tiny ViT."""
     from flows.spurious_audit import AuditParams, spurious_audit
+    from vitsem.method.keypoints import Rejected
+    from vitsem.paths import path_from_text
     from vitsem.platform.services.audit import REPORT_PREFIX, copy_report
     from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
+    from vitsem.render.files import write_rejected
 
     params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
                          top_fraction=top_fraction)
     result = spurious_audit(params)
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
+    rejected = [Rejected(path_from_text(r["path"]), r["reason"], r["detail"])
+                for r in result["rejected_files"]]
+    write_rejected(out / "rejected.jsonl", rejected)
+    print_rejected(rejected)
     console.print(f"{result['images']} images audited, {result['rejected']} rejected; "
-                  f"report: [bold]{out / 'report.html'}[/] (stored at {result['report_uri']})")
+                  f"report: [bold]{escape(str(out / 'report.html'))}[/] "
+                  f"(stored at {escape(result['report_uri'])})")
 
 
 @command()
@@ -100,6 +115,26 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     settings = Settings()
     upgrade(settings.resolved_database_url(), revision)
     console.print(f"database at {settings.public_dict()['database_url']} is at {revision}")
+
+
+@command(db_app, "housekeeping")
+def db_housekeeping(
+    stale_after: Annotated[float, typer.Option(
+        help="Seconds without a heartbeat after which a running run is taken for crashed.")
+    ] = 600.0,
+    older_than: Annotated[float, typer.Option(
+        help="Seconds after which a temporary file of an unfinished write is removed.")
+    ] = 3600.0,
+) -> None:
+    """Mark runs whose process died (SIGKILL, out of memory) as crashed and remove the
+    temporary files killed writes left behind."""
+    from vitsem.platform.housekeeping import housekeeping
+    from vitsem.platform.settings import Settings
+
+    done = housekeeping(Settings(), stale_after, older_than)
+    ids = f" ({', '.join(map(str, done.crashed_runs))})" if done.crashed_runs else ""
+    console.print(f"{len(done.crashed_runs)} run(s) marked crashed{ids}; "
+                  f"{len(done.removed)} stale temporary file(s) removed")
 
 
 @command(name="settings")

@@ -1,16 +1,42 @@
 """One resolver for every input a command or flow takes: image files, image folders, benchmark
 folders (labels, groups, masks from their manifest) and labelled folders with one sub-folder per
-class (the torchvision ImageFolder layout)."""
+class (the torchvision ImageFolder layout).
+
+Every entry under an input folder is either an image to process or a rejection with a reason
+(:data:`ENTRY_REASONS`), never silently dropped: symlinks are followed only to regular files
+inside the folder, hidden entries (``.name``) are skipped with a note, FIFOs, devices,
+sockets and folders named like images are refused. Sub-folders are walked; in a labelled
+folder an image's class is its first-level folder, whatever the depth below it."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
 from vitsem.errors import AuditInputError, DatasetError
-from vitsem.method.images import list_images
+from vitsem.method.images import IMAGE_SUFFIXES
+from vitsem.method.keypoints import Rejected
+from vitsem.paths import path_text
+
+ENTRY_REASONS = {
+    "hidden": "a hidden entry (name starts with '.'); skipped, rename it to include it",
+    "not_a_regular_file": "not a regular file (a FIFO, device, socket, or a folder named "
+                          "like an image); only image files are read",
+    "symlink_outside_input": "a symbolic link to a file outside the input folder; copy the "
+                             "file in instead",
+    "broken_symlink": "a symbolic link to nothing (dangling or looping)",
+    "symlink_to_directory": "a symbolic link to a folder; folders are not followed through "
+                            "links (no loops, no escapes)",
+    "unsupported_suffix": f"not an image file name (expected one of "
+                          f"{', '.join(sorted(IMAGE_SUFFIXES))})",
+    "unreadable": "a folder that cannot be listed (permissions)",
+}
+"""Why an entry under an input folder is not processed; the reason codes of
+``rejected.jsonl`` beside the image decoder's own (``truncated``, ``not_an_image``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +64,8 @@ class InputSet:
     items: list[InputImage]
     class_names: list[str] | None = None
     unlabelled: str | None = field(default=None, compare=False)
+    rejected: list[Rejected] = field(default_factory=list, compare=False)
+    """Entries under the input folders that are not images to process, with the reason."""
 
     @property
     def paths(self) -> list[str]:
@@ -59,24 +87,84 @@ def _benchmark(root: Path, split: str) -> InputSet:
     ds = ShortcutDataset.load(root)
     items = [InputImage(str(ds.root / s.file), s.class_name, s.group, not s.shortcut,
                         str(ds.root / s.mask)) for s in ds.split(split)]
-    return InputSet(f"{root}#{split}", f"{root.name}:{split}", items, list(ds.class_names))
+    return InputSet(f"{path_text(root)}#{split}", f"{path_text(root.name)}:{split}", items,
+                    list(ds.class_names))
+
+
+def _reject(rejected: list[Rejected], path: str, reason: str, extra: str = "") -> None:
+    rejected.append(Rejected(path, reason, ENTRY_REASONS[reason] + extra))
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[Rejected]]:
+    """The image files under ``root`` (sorted, recursive) and every other entry with its
+    reason (:data:`ENTRY_REASONS`). Folders are walked without following links; a link is
+    kept when it resolves to a regular file inside ``root``."""
+    root = root.resolve()
+    files: list[Path] = []
+    rejected: list[Rejected] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            _reject(rejected, str(folder), "unreadable", f" ({e.strerror})")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                _reject(rejected, entry.path, "hidden")
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                _reject(rejected, entry.path, "unreadable", f" ({e.strerror})")
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = path.resolve(strict=True)
+                    st = target.stat()
+                except (OSError, RuntimeError):
+                    _reject(rejected, entry.path, "broken_symlink")
+                    continue
+                if not target.is_relative_to(root):
+                    _reject(rejected, entry.path, "symlink_outside_input")
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    _reject(rejected, entry.path, "symlink_to_directory")
+                    continue
+            is_image_name = path.suffix.lower() in IMAGE_SUFFIXES
+            if stat.S_ISDIR(st.st_mode) and not is_image_name:
+                stack.append(path)
+            elif not stat.S_ISREG(st.st_mode):
+                _reject(rejected, entry.path, "not_a_regular_file")
+            elif not is_image_name:
+                _reject(rejected, entry.path, "unsupported_suffix")
+            else:
+                files.append(path)
+    rejected.sort(key=lambda r: r.path)
+    return sorted(files), rejected
 
 
 def _folder(root: Path, shown: str) -> InputSet:
-    files = list_images(root)
+    files, rejected = scan_folder(root)
     flat = [p for p in files if p.parent == root]
     if flat:
-        return InputSet(str(root), root.name, [InputImage(str(p)) for p in files], None, (
-            f"{shown}: {len(flat)} images sit directly in the folder, without a class; the "
-            "audit needs labels: put each class's images in a sub-folder named after the class"))
+        return InputSet(path_text(root), path_text(root.name),
+                        [InputImage(str(p)) for p in files], None, (
+            f"{path_text(shown)}: {len(flat)} images sit directly in the folder, without a "
+            "class; the audit needs labels: put each class's images in a sub-folder named "
+            "after the class"),
+            rejected)
     items = []
     for p in files:
-        label = p.relative_to(root).parts[0]
+        label = path_text(p.relative_to(root).parts[0])
         items.append(InputImage(str(p), label, label))
     classes = sorted({it.label for it in items if it.label is not None})
     if not items:
-        return InputSet(str(root), root.name, [], None, f"{shown}: the folder holds no images")
-    return InputSet(str(root), root.name, items, classes)
+        return InputSet(path_text(root), path_text(root.name), [], None,
+                        f"{path_text(shown)}: the folder holds no images", rejected)
+    return InputSet(path_text(root), path_text(root.name), items, classes, None, rejected)
 
 
 def _one(source: str | Path, split: str) -> InputSet:
@@ -86,7 +174,7 @@ def _one(source: str | Path, split: str) -> InputSet:
     if root.is_dir():
         return _folder(root, str(source))
     if root.is_file():
-        return InputSet(str(root), root.name, [InputImage(str(root))], None,
+        return InputSet(path_text(root), path_text(root.name), [InputImage(str(root))], None,
                         f"{source}: a single file carries no class label; the audit needs a "
                         "benchmark folder or a folder with one sub-folder per class")
     raise DatasetError(f"{source}: no such file or folder; give an image file, an image "
@@ -109,7 +197,7 @@ def resolve_inputs(sources: str | Path | Sequence[str | Path], split: str = "tes
     classes = sorted({c for s in sets for c in (s.class_names or [])}) if not reasons else None
     return InputSet(" + ".join(s.uri for s in sets), " + ".join(s.name for s in sets),
                     [it for s in sets for it in s.items], classes,
-                    reasons[0] if reasons else None)
+                    reasons[0] if reasons else None, [r for s in sets for r in s.rejected])
 
 
 def labelled_images(data: str | Path, split: str = "test") -> list[InputImage]:

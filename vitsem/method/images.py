@@ -8,7 +8,9 @@ alpha is dropped (``convert("RGB")``), 16-bit samples are scaled to 8 bits.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,54 @@ def _to_8bit_rgb(img: Image.Image, name: str) -> Image.Image:
     return img
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # (x0, y0, dx, dy) of each interlace pass
+
+
+def png_missing_rows(data: bytes) -> str | None:
+    """Why a PNG's pixel data is shorter than its header says, or None when complete (or
+    not a PNG). Pillow fills the rows a PNG lacks with zeros when its compressed stream ends
+    cleanly, so a header claiming 8000x8000 with 10 rows of data decodes as a valid image;
+    this inflates the ``IDAT`` data again (counting bytes, keeping none) and compares."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, header, idat = 8, None, []
+    while pos + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None:
+        return None
+    w, h, depth, colour, _c, _f, interlace = header
+    bits = depth * _PNG_CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        pw, ph = (w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy
+        if pw and ph:
+            expected += ph * (1 + (pw * bits + 7) // 8)
+    inflate, got, buf = zlib.decompressobj(), 0, b"".join(idat)
+    try:
+        chunk = inflate.decompress(buf, 1 << 20)
+        while chunk:
+            got += len(chunk)
+            if got >= expected:
+                return None
+            chunk = inflate.decompress(inflate.unconsumed_tail, 1 << 20)
+    except zlib.error as e:
+        return f"its pixel data is corrupt ({e})"
+    return (f"its pixel data ends after {got:,} of {expected:,} bytes ({w}x{h} in the "
+            "header); the rows after that are missing")
+
+
 def open_image(source: str | Path | bytes, *, name: str | None = None,
                limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Decode ``source`` (a path or the file's bytes) to an 8-bit RGB PIL image.
@@ -109,6 +159,9 @@ def open_image(source: str | Path | bytes, *, name: str | None = None,
             raise TruncatedImageError(
                 label, f"image data is truncated or corrupt ({e}); re-download or re-export it"
             ) from e
+        missing = png_missing_rows(data) if img.format == "PNG" else None
+        if missing is not None:
+            raise TruncatedImageError(label, f"{missing}; re-download or re-export it")
     try:
         upright: Image.Image = ImageOps.exif_transpose(img) or img
     except (OSError, SyntaxError, ValueError, KeyError) as e:

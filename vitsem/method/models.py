@@ -9,6 +9,7 @@ so a checkpoint alone rebuilds its model.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import pickle
 import sys
@@ -41,9 +42,148 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        d = json.loads(text)
-        return cls(name=d["name"], kwargs=d.get("kwargs", {}), class_names=d.get("class_names"))
+    def from_json(cls, text: str, source: str = "model spec") -> ModelSpec:
+        """Parse and check a spec (see :func:`validate_spec`); :class:`CheckpointError`
+        naming ``source`` for malformed JSON, missing fields or values out of bounds."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{source}: the embedded model spec is not valid JSON ({e}); "
+                                  "re-save the checkpoint with vitsem") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: the embedded model spec is not a JSON object")
+        unknown = sorted(set(d) - {"name", "kwargs", "class_names"})
+        if unknown:
+            raise CheckpointError(f"{source}: the embedded model spec has unknown fields "
+                                  f"{unknown[:5]}")
+        spec = cls(name=d.get("name"), kwargs=d.get("kwargs", {}),  # type: ignore[arg-type]
+                   class_names=d.get("class_names"))
+        validate_spec(spec, source)
+        return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint may ask for. A spec read from a file is untrusted: its kwargs reach
+# timm.create_model, so only constructor arguments of the Vision Transformer family, each in
+# bounds that a ViT vitsem can analyse on a workstation respects, are accepted.
+
+SPEC_ARCH_MODULES = ("vision_transformer",)
+"""timm modules whose models a checkpoint spec may name (ViTs with a patch grid)."""
+
+_INT_KWARGS: dict[str, tuple[int, int]] = {
+    "img_size": (8, 1024), "patch_size": (1, 64), "depth": (1, 48), "embed_dim": (8, 2048),
+    "num_heads": (1, 64), "num_classes": (0, 100_000), "in_chans": (1, 8),
+    "reg_tokens": (0, 16), "num_register_tokens": (0, 16),
+}
+_FLOAT_KWARGS: dict[str, tuple[float, float]] = {
+    "mlp_ratio": (0.25, 8.0), "drop_rate": (0.0, 0.99), "attn_drop_rate": (0.0, 0.99),
+    "drop_path_rate": (0.0, 0.99), "proj_drop_rate": (0.0, 0.99), "pos_drop_rate": (0.0, 0.99),
+    "patch_drop_rate": (0.0, 0.99), "init_values": (0.0, 10.0),
+}
+_BOOL_KWARGS = frozenset({"class_token", "qkv_bias", "qk_norm", "no_embed_class",
+                          "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad"})
+_CHOICE_KWARGS: dict[str, frozenset[str]] = {
+    "global_pool": frozenset({"", "token", "avg", "avgmax", "max", "map"}),
+}
+SPEC_KWARGS = frozenset(_INT_KWARGS) | frozenset(_FLOAT_KWARGS) | _BOOL_KWARGS \
+    | frozenset(_CHOICE_KWARGS)
+"""The constructor arguments a checkpoint spec may carry (nothing that names a file)."""
+
+MAX_SPEC_TOKENS = 16_384
+"""Patch tokens per image at most ((img_size / patch_size)^2): attention memory grows with
+its square."""
+
+MAX_SPEC_PARAMETERS = 1_000_000_000
+"""Parameters at most (4 GB of float32 weights)."""
+
+MAX_CLASS_NAMES = 100_000
+
+
+def _bounded_int(source: str, key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{source}: model spec {key}={value!r:.60} is not an integer")
+    if not lo <= value <= hi:
+        raise CheckpointError(f"{source}: model spec {key}={value} is out of bounds "
+                              f"[{lo}, {hi}]; refusing to build it")
+    return value
+
+
+def validate_spec(spec: ModelSpec, source: str = "model spec") -> None:
+    """Check an untrusted spec before any model is built: a known ViT architecture, only
+    allow-listed constructor arguments (:data:`SPEC_KWARGS`) of the right types within
+    bounds, a bounded token count and size, and class names that are strings. Raises
+    :class:`CheckpointError` naming ``source`` and the offending value."""
+    if not isinstance(spec.name, str) or not spec.name:
+        raise CheckpointError(f"{source}: the model spec names no architecture ('name')")
+    if not isinstance(spec.kwargs, dict):
+        raise CheckpointError(f"{source}: model spec kwargs must be an object")
+    if spec.name not in _spec_architectures():
+        raise CheckpointError(
+            f"{source}: model spec names {spec.name[:80]!r}, not a known Vision Transformer "
+            f"architecture of timm ({', '.join(SPEC_ARCH_MODULES)})")
+    refused = sorted(k for k in spec.kwargs if k not in SPEC_KWARGS)
+    if refused:
+        raise CheckpointError(
+            f"{source}: model spec argument(s) {[k[:40] for k in refused[:5]]} are not "
+            f"allowed (file paths and other options are refused); allowed: "
+            f"{', '.join(sorted(SPEC_KWARGS))}")
+    for key, value in spec.kwargs.items():
+        if key in _INT_KWARGS:
+            lo, hi = _INT_KWARGS[key]
+            if key == "img_size" and isinstance(value, list):
+                if len(value) != 2:
+                    raise CheckpointError(f"{source}: model spec img_size must be an integer "
+                                          "or [height, width]")
+                for v in value:
+                    _bounded_int(source, key, v, lo, hi)
+            else:
+                _bounded_int(source, key, value, lo, hi)
+        elif key in _FLOAT_KWARGS:
+            lo_f, hi_f = _FLOAT_KWARGS[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not lo_f <= float(value) <= hi_f:
+                raise CheckpointError(f"{source}: model spec {key}={value!r:.60} is not a "
+                                      f"number in [{lo_f}, {hi_f}]")
+        elif key in _BOOL_KWARGS:
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{source}: model spec {key}={value!r:.60} is not a "
+                                      "boolean")
+        elif not isinstance(value, str) or value not in _CHOICE_KWARGS[key]:
+            raise CheckpointError(f"{source}: model spec {key}={value!r:.60} is not one of "
+                                  f"{sorted(_CHOICE_KWARGS[key])}")
+    _check_size(spec, source)
+    names = spec.class_names
+    if names is not None and (not isinstance(names, list) or len(names) > MAX_CLASS_NAMES
+                              or not all(isinstance(n, str) and len(n) <= 256 for n in names)):
+        raise CheckpointError(f"{source}: model spec class_names must be a list of at most "
+                              f"{MAX_CLASS_NAMES} strings of at most 256 characters")
+
+
+@functools.lru_cache(maxsize=1)
+def _spec_architectures() -> frozenset[str]:
+    return frozenset(n for m in SPEC_ARCH_MODULES for n in timm.list_models(module=m))
+
+
+def _check_size(spec: ModelSpec, source: str) -> None:
+    """Build ``spec`` on the meta device (shapes only, no memory) and bound its patch tokens
+    and parameters; kwargs are already allow-listed, so this runs no untrusted option."""
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the model spec does not build a {spec.name} "
+                              f"({type(e).__name__}: {e})") from None
+    grid = getattr(getattr(net, "patch_embed", None), "num_patches", None)
+    if grid is None:
+        raise CheckpointError(f"{source}: {spec.name} has no patch grid; not a ViT vitsem "
+                              "can analyse")
+    if int(grid) > MAX_SPEC_TOKENS:
+        raise CheckpointError(f"{source}: the model spec asks for {int(grid):,} patch tokens "
+                              f"per image; at most {MAX_SPEC_TOKENS:,}")
+    size = sum(p.numel() for p in net.parameters())
+    if size > MAX_SPEC_PARAMETERS:
+        raise CheckpointError(f"{source}: the model spec asks for {size:,} parameters; at "
+                              f"most {MAX_SPEC_PARAMETERS:,}")
 
 
 def check_model_name(name: str) -> None:
@@ -126,7 +266,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state_dict`` strictly, adapting original-format timm checkpoints with the
-    model family's ``checkpoint_filter_fn`` (e.g. position-embedding resize)."""
+    model family's ``checkpoint_filter_fn`` (e.g. position-embedding resize). Weights with
+    NaN or infinite values are refused (:class:`CheckpointError`), not loaded silently."""
     family = sys.modules.get(type(model).__module__)
     filter_fn = getattr(family, "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -134,6 +275,13 @@ def apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             state_dict = filter_fn(state_dict, model)
         except Exception as e:  # a foreign checkpoint can break the filter anywhere
             raise CheckpointError(f"{source}: does not fit {type(model).__name__} ({e})") from e
+    bad = [k for k, v in state_dict.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source}: refused: {len(bad)} weight tensor(s) hold NaN or infinite values "
+            f"({', '.join(bad[:4])}); the model would output NaN. Re-export the weights from a "
+            "healthy training run")
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
@@ -178,7 +326,7 @@ def read_checkpoint_spec(path: str | Path) -> ModelSpec | None:
     except Exception as e:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
     text = meta.get(SPEC_METADATA_KEY)
-    return ModelSpec.from_json(text) if text else None
+    return ModelSpec.from_json(text, str(p)) if text else None
 
 
 def load_model(model: str | None = None, checkpoint: str | Path | None = None, *,

@@ -9,6 +9,7 @@ AWS variables, e.g. ``AWS_ENDPOINT_URL`` for MinIO) and ``VITSEM_MLFLOW_TRACKING
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -45,8 +46,16 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Scheduler of an existing Dask cluster; default: a local one")
     dask_workers: int = Field(default=2, description="Workers of the local Dask cluster.")
-    max_workers: int | None = Field(default=None, description="Threads of the thread runner.")
+    max_workers: int | None = Field(
+        default=None, ge=1, description="Threads of the thread runner; default min(32, cores + 4).")
     shard_size: int = Field(default=64, ge=1, description="Images per task.")
+
+    def task_concurrency(self) -> int:
+        """Tasks that run at once in one process: the thread runner's threads (Python's
+        ThreadPoolExecutor default unless ``max_workers`` is set); 1 per Dask worker."""
+        if self.task_runner == "dask":
+            return 1
+        return self.max_workers or min(32, (os.cpu_count() or 1) + 4)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'vitsem.db').resolve()}"

@@ -3,19 +3,70 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from vitsem.method.pipeline import AnalysisResult
 from vitsem.platform.settings import Settings, redact
+from vitsem.platform.storage.db import serialised
+
+log = logging.getLogger("vitsem.platform.tracking")
+
+_READY: set[str] = set()
+_READY_LOCK = threading.Lock()
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _set_up_race(error: BaseException) -> bool:
+    """An error of two clients creating MLflow's tables at once (SQLite: 'table ... already
+    exists'; PostgreSQL: a duplicate type or SQLAlchemy's CircularDependencyError)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(s in text for s in ("already exists", "CircularDependencyError",
+                                   "duplicate key", "UniqueViolation"))
+
+
+def open_client(uri: str, attempts: int = 5) -> Any:
+    """An MLflow client of ``uri``; its first use in this process, for a database store,
+    creates MLflow's tables under a lock.
+
+    MLflow creates its schema when a client is constructed, without a lock, so two runs
+    starting together on a fresh store fail ('table secrets already exists', 'duplicate
+    column', CircularDependencyError). Here the first construction holds
+    :func:`~vitsem.platform.storage.db.serialised` (a lock file on this machine, an advisory
+    lock on PostgreSQL), and a set-up error caused by a client that does not take it is
+    retried."""
+    import mlflow
+
+    if uri in _READY or uri.split(":", 1)[0].split("+")[0] not in _DATABASE_SCHEMES:
+        return mlflow.MlflowClient(uri)
+    with _READY_LOCK:
+        if uri in _READY:
+            return mlflow.MlflowClient(uri)
+        with serialised(uri, "mlflow-schema"):
+            for attempt in range(1, attempts + 1):
+                try:
+                    client = mlflow.MlflowClient(uri)
+                    client.search_experiments(max_results=1)
+                    break
+                except Exception as e:
+                    if attempt == attempts or not _set_up_race(e):
+                        raise
+                    log.warning("MLflow store set-up raced another client (%s); retrying",
+                                type(e).__name__)
+                    time.sleep(0.5 * attempt)
+        _READY.add(uri)
+        return client
 
 
 def _client(settings: Settings) -> Any:
     import mlflow
 
-    mlflow.set_tracking_uri(settings.resolved_mlflow_uri())
-    return mlflow.MlflowClient(settings.resolved_mlflow_uri())
+    uri = settings.resolved_mlflow_uri()
+    mlflow.set_tracking_uri(uri)
+    return open_client(uri)
 
 
 def experiment_id(settings: Settings, flow_name: str) -> str:

@@ -21,6 +21,9 @@ from vitsem.audit.pipeline import METHOD, AuditData, AuditResult, Finding
 from vitsem.audit.verdicts import BLIND_SPOTS, VERDICTS
 from vitsem.method.concentration import TokenGrid
 
+# File and class names are drawn as text: "$...$" in a name must not parse as math.
+matplotlib.rcParams["text.parse_math"] = False
+
 
 def _outline(ax: Any, patches: np.ndarray, grid: TokenGrid, colour: str) -> None:
     _gh, gw = grid.grid_hw

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from vitsem.method.concentration import TokenGrid, concentration
 from vitsem.method.keypoints import Rejected, ViewedKeypoints
 from vitsem.method.pipeline import STAT_DESCRIPTIONS, AnalysisResult
+from vitsem.paths import path_text
 
 
 def _clean(x: Any) -> Any:
@@ -39,7 +40,8 @@ class PerImageWriter:
         self.rows = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> None:
-        self.write(pa.Table.from_pylist(rows))
+        self.write(pa.Table.from_pylist([r | {"path": path_text(r["path"])} if "path" in r
+                                         else r for r in rows]))
 
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
@@ -80,7 +82,7 @@ class KeypointTableWriter:
         if not self._pending:
             return
         cols: dict[str, Any] = {"path": np.concatenate([
-            np.full(len(it.keypoints), it.path, dtype=object) for it in self._pending])}
+            np.full(len(it.keypoints), path_text(it.path), dtype=object) for it in self._pending])}
         cols["x"] = np.concatenate([it.keypoints.xy[:, 0] for it in self._pending])
         cols["y"] = np.concatenate([it.keypoints.xy[:, 1] for it in self._pending])
         for f in self.FIELDS:
@@ -89,6 +91,7 @@ class KeypointTableWriter:
         rows = []
         for it in self._pending:
             c = concentration(it.keypoints, self.grid, self.weighting)
+            # The path is written as text by PerImageWriter.
             rows.append({"path": it.path, "num_keypoints": len(it.keypoints),
                          "semantic_patches": int((c > 0).sum()), "concentration": c.tolist()})
             self.keypoints += len(it.keypoints)
@@ -127,7 +130,10 @@ def stats_document(result: AnalysisResult, meta: dict[str, Any]) -> dict[str, An
 
 
 def write_rejected(path: Path, rejected: list[Rejected]) -> None:
-    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rejected))
+    """One JSON object per line: ``path`` (as :func:`~vitsem.paths.path_text`), ``reason``
+    and ``detail``."""
+    path.write_text("".join(json.dumps(asdict(r) | {"path": path_text(r.path)}) + "\n"
+                            for r in rejected))
 
 
 def write_pictures(result: AnalysisResult, out: Path, class_names: list[str] | None

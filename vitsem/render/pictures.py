@@ -15,6 +15,10 @@ from matplotlib.patches import Circle, Rectangle
 
 from vitsem.method.concentration import TokenGrid
 from vitsem.method.pipeline import AnalysisResult, Example
+from vitsem.paths import path_text
+
+# File and class names are drawn as text: "$...$" in a name must not parse as math.
+matplotlib.rcParams["text.parse_math"] = False
 
 LEVEL_COLOURS = ("none", "#ffd400", "#ff2d2d", "#9b30ff", "#00c8ff")
 
@@ -76,7 +80,7 @@ def attention_figure(ex: Example, result: AnalysisResult, class_names: list[str]
         overlay(axes[0, layer + 1], ex.cls_maps[layer].mean(0), f"layer {layer} CLS (mean)")
     for head in range(heads):
         overlay(axes[1, head + 1], ex.cls_maps[-1, head], f"layer {layers - 1} head {head}")
-    fig.suptitle(ex.path, fontsize=8)
+    fig.suptitle(path_text(ex.path), fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -22,6 +22,7 @@ from vitsem.errors import AuditInputError
 from vitsem.method.images import open_image
 from vitsem.method.keypoints import SiftParams, ViewedKeypoints
 from vitsem.method.models import ModelSpec
+from vitsem.paths import path_text
 from vitsem.platform.services.context import ShardReport, context, load_model_cached
 from vitsem.platform.services.keypoints import KeypointStore
 from vitsem.platform.settings import Settings
@@ -119,7 +120,7 @@ def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImag
             keypoints=[it.keypoints for _, it in kept], labels=labels,
             class_names=class_names, groups=[str(im.group or im.label) for im in names],
             masks=_object_masks(names, view), clean=clean,
-            names=[Path(im.path).name for im in names])
+            names=[Path(path_text(im.path)).name for im in names])
         log.info("auditing %d images with maps %s", len(kept), ", ".join(cfg.maps))
         result = audit(net, view, data, cfg)
         files = write_report(result, data, out, {

@@ -46,7 +46,9 @@ class Context:
 @functools.lru_cache(maxsize=4)
 def _context(settings_json: str) -> Context:
     settings = Settings.model_validate_json(settings_json)
-    return Context(settings, open_store(settings.resolved_artifact_uri()),
+    # Every task thread of the process shares the store: one connection each, two spare.
+    return Context(settings, open_store(settings.resolved_artifact_uri(),
+                                        settings.task_concurrency() + 2),
                    MetadataStore(settings.resolved_database_url()))
 
 

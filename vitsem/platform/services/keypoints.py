@@ -24,6 +24,7 @@ from vitsem.errors import ImageError
 from vitsem.method.images import ImageLimits, open_image
 from vitsem.method.keypoints import Keypoints, SiftParams, ViewedKeypoints, detect_sift
 from vitsem.method.view import ModelView
+from vitsem.paths import path_text
 from vitsem.platform.services.context import Context, ShardReport, context, load_model_cached
 from vitsem.platform.settings import Settings
 from vitsem.platform.storage.artifacts import content_key
@@ -83,7 +84,7 @@ class KeypointStore:
             # Images of these paths already indexed with their content: not written again.
             self.known = dict(s.execute(select(Image.path, Image.sha256).where(
                 Image.dataset_id == dataset_id, Image.status == "ok",
-                Image.path.in_(list(paths)))).all())
+                Image.path.in_([path_text(p) for p in paths]))).all())
         self._images: list[dict[str, Any]] = []
         self._sets: list[dict[str, Any]] = []
 
@@ -117,8 +118,9 @@ class KeypointStore:
             self.ctx.store.put(key, _to_bytes(view, item.keypoints))
             self.report.computed += 1
         self.report.image_sha256.append(sha)
-        if self.known.get(path) != sha:
-            self._images.append({"dataset_id": self.dataset_id, "path": path, "sha256": sha,
+        if self.known.get(path_text(path)) != sha:
+            self._images.append({"dataset_id": self.dataset_id, "path": path_text(path),
+                                 "sha256": sha,
                                  "size_bytes": len(data), "status": "ok",
                                  "rejection_reason": None, "rejection_detail": None})
         if sha not in self.indexed and item is not None:
@@ -145,9 +147,10 @@ class KeypointStore:
         return cls(context(settings), dataset_id, view, paths, sift, limits, report)
 
     def _reject(self, path: str, sha: str | None, reason: str, detail: str) -> None:
-        log.warning("rejected %s: %s: %s", Path(path).name, reason, detail)
-        self.report.rejected.append({"path": path, "reason": reason, "detail": detail})
-        self._images.append({"dataset_id": self.dataset_id, "path": path, "sha256": sha,
+        text = path_text(path)
+        log.warning("rejected %s: %s: %s", Path(text).name, reason, detail)
+        self.report.rejected.append({"path": text, "reason": reason, "detail": detail})
+        self._images.append({"dataset_id": self.dataset_id, "path": text, "sha256": sha,
                              "size_bytes": None, "status": "rejected",
                              "rejection_reason": reason, "rejection_detail": detail})
 

@@ -119,6 +119,9 @@ class LocalArtifactStore:
         return path.as_uri()
 
 
+DEFAULT_S3_CONNECTIONS = 10
+"""botocore's own default pool size."""
+
 _PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
                        "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled"}
 
@@ -128,10 +131,14 @@ class S3ArtifactStore:
     from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
 
     Transient faults (connection refused, timeouts, throttling, 5xx) are retried with
-    exponential backoff for up to ``retry_seconds``; permanent ones raise at once.
+    exponential backoff for up to ``retry_seconds``; permanent ones raise at once. One client
+    serves every thread of the process: its connection pool holds ``max_connections`` (size
+    it to the task concurrency, or urllib3 drops connections with "Connection pool is
+    full").
     """
 
-    def __init__(self, uri: str, *, retry_seconds: float = 60.0) -> None:
+    def __init__(self, uri: str, *, retry_seconds: float = 60.0,
+                 max_connections: int = DEFAULT_S3_CONNECTIONS) -> None:
         import boto3
         from botocore.config import Config
 
@@ -144,8 +151,10 @@ class S3ArtifactStore:
             validate_key(self.prefix)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.retry_seconds = retry_seconds
+        self.max_connections = max(1, int(max_connections))
         self._client = boto3.client("s3", config=Config(
-            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30))
+            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30,
+            max_pool_connections=self.max_connections))
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -232,18 +241,20 @@ class S3ArtifactStore:
         return self.uri_for(key)
 
 
-STORES: dict[str, Callable[[str], ArtifactStore]] = {
-    "file": lambda uri: LocalArtifactStore(Path(urlparse(uri).path)),
-    "": lambda uri: LocalArtifactStore(Path(uri)),
-    "s3": lambda uri: S3ArtifactStore(uri),
+STORES: dict[str, Callable[[str, int], ArtifactStore]] = {
+    "file": lambda uri, _n: LocalArtifactStore(Path(urlparse(uri).path)),
+    "": lambda uri, _n: LocalArtifactStore(Path(uri)),
+    "s3": lambda uri, n: S3ArtifactStore(uri, max_connections=n),
 }
+"""Store factories by URI scheme: (uri, connections for concurrent callers) -> store."""
 
 
-def open_store(uri: str) -> ArtifactStore:
-    """The store for ``uri``: ``file:///folder``, a plain path, or ``s3://bucket/prefix``."""
+def open_store(uri: str, concurrency: int = DEFAULT_S3_CONNECTIONS) -> ArtifactStore:
+    """The store for ``uri``: ``file:///folder``, a plain path, or ``s3://bucket/prefix``;
+    ``concurrency`` is how many threads may call it at once (an S3 client's pool size)."""
     scheme = urlparse(uri).scheme
     factory = STORES.get(scheme)
     if factory is None:
         raise ArtifactStoreError(
             f"unsupported artifact URI scheme {scheme!r} in {uri!r}; use file:// or s3://")
-    return factory(uri)
+    return factory(uri, concurrency)

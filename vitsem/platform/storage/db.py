@@ -7,6 +7,9 @@ shard is one row however often a flow runs. Works on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -96,10 +100,15 @@ class FlowRun(Base):
     prefect_flow_run_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(32), default="running")
+    status: Mapped[str] = mapped_column(String(32), default="running", index=True)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    host: Mapped[str | None] = mapped_column(String(255))
+    """Machine and process of a ``running`` run, and when it last showed life: a run whose
+    process is gone, or whose heartbeat stopped, is closed as ``crashed`` by the next run."""
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AnalysisShard(Base):
@@ -179,15 +188,48 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+@contextmanager
+def serialised(url: str, name: str) -> Iterator[None]:
+    """Hold the lock ``name`` of the database at ``url``: one holder at a time among the
+    threads and processes of this machine (a lock file), and for PostgreSQL among every
+    client of the server too (an advisory lock). For one-off set-up that is not safe to run
+    twice at once: creating a schema, applying migrations."""
+    digest = hashlib.sha256(f"{redact(url)}\0{name}".encode()).digest()
+    lock_path = Path(tempfile.gettempdir()) / f"vitsem-{name}-{digest[:8].hex()}.lock"
+    with open(lock_path, "a+b") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if url.startswith("postgresql"):
+                key = int.from_bytes(digest[:8], "big", signed=True)
+                engine = create_engine(url)
+                try:
+                    with engine.connect() as conn:
+                        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                        conn.commit()
+                        try:
+                            yield
+                        finally:
+                            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                            conn.commit()
+                finally:
+                    engine.dispose()
+            else:
+                yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations to ``url`` (``vitsem db upgrade``)."""
+    """Apply the Alembic migrations to ``url`` (``vitsem db upgrade``); concurrent callers
+    take turns (:func:`serialised`), so two runs starting on a fresh database both work."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["url"] = url
-    command.upgrade(cfg, revision)
+    with serialised(url, "migrate"):
+        command.upgrade(cfg, revision)
 
 
 class MetadataStore:
@@ -213,6 +255,17 @@ class MetadataStore:
             found = s.scalar(select(Dataset.id).where(Dataset.uri == uri))
             assert found is not None
             return found
+
+    def record_rejected(self, dataset_id: int, rejected: Sequence[dict[str, str]]) -> None:
+        """Index entries of a data set that are not images to process (``path``, ``reason``,
+        ``detail``) as ``rejected`` images, once however often they are seen."""
+        rows = [{"dataset_id": dataset_id, "path": r["path"], "sha256": None,
+                 "size_bytes": None, "status": "rejected", "rejection_reason": r["reason"],
+                 "rejection_detail": r["detail"]} for r in rejected]
+        with self.session() as s:
+            for i in range(0, len(rows), 500):  # within SQLite's bound on parameters
+                upsert(s, Image, rows[i:i + 500], ["dataset_id", "path"],
+                       update=["status", "rejection_reason", "rejection_detail"])
 
     def __repr__(self) -> str:
         return f"MetadataStore({redact(self.url)!r})"
