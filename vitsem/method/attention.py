@@ -41,7 +41,7 @@ from vitsem.method.concentration import TokenGrid
 
 __all__ = [
     "ATTENTION_MODULES", "DEFAULT_MEMORY_BUDGET", "REFUSED_ATTENTION", "AttentionBlock",
-    "AttentionRows", "AttentionSink", "TokenLayout", "attention_modules", "capture_attention",
+    "AttentionRows", "AttentionSink", "TokenLayout", "Workspace", "attention_modules", "capture_attention",
     "extract_attention", "num_layers_heads", "token_layout",
 ]
 
@@ -104,7 +104,7 @@ class AttentionRows:
     log_partition: torch.Tensor
 
 
-class _Workspace:
+class Workspace:
     """Reusable flat float32 buffers viewed to the shape asked for. Fresh 10-100 MB tensors
     per block would be mapped and page-faulted anew by the allocator every time, which costs
     more than the matmul; a flat buffer also serves the smaller last chunk."""
@@ -136,10 +136,10 @@ class AttentionBlock:
 
     def __init__(self, q: torch.Tensor | None, k: torch.Tensor | None, scale: float,
                  mask: torch.Tensor | None, causal: bool, *, logits: torch.Tensor | None = None,
-                 memory_budget: int | None = None, workspace: _Workspace | None = None) -> None:
+                 memory_budget: int | None = None, workspace: Workspace | None = None) -> None:
         self._q, self._k, self._scale, self._mask, self._causal = q, k, scale, mask, causal
         self._raw = logits
-        self._ws = workspace or _Workspace()
+        self._ws = workspace or Workspace()
         ref = logits if logits is not None else q
         assert ref is not None
         self.device = ref.device
@@ -374,8 +374,7 @@ def _sdpa_spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         if a.get("enable_gqa") and q.shape[-3] != k.shape[-3]:
-            raise UnsupportedModelError(
-                f"block {frame.layer}: grouped-query attention is not supported")
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)  # SDPA's own expansion
         frame.calls += 1
         block = AttentionBlock(q, k, float(scale), a.get("attn_mask"),
                                bool(a.get("is_causal", False)))
@@ -418,7 +417,7 @@ def _capture(model: nn.Module, sink: AttentionSink,
              memory_budget: int | None) -> Iterator[None]:
     mods = attention_modules(model)
     handles: list[RemovableHandle] = []
-    ws = _Workspace()
+    ws = Workspace()
     owner = threading.get_ident()
 
     def on_block(frame: _Frame, block: AttentionBlock) -> None:
