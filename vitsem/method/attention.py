@@ -41,8 +41,8 @@ from vitsem.method.concentration import TokenGrid
 
 __all__ = [
     "ATTENTION_MODULES", "DEFAULT_MEMORY_BUDGET", "REFUSED_ATTENTION", "AttentionBlock",
-    "AttentionRows", "AttentionSink", "TokenLayout", "Workspace", "attention_modules", "capture_attention",
-    "extract_attention", "num_layers_heads", "token_layout",
+    "AttentionRows", "AttentionSink", "TokenLayout", "Workspace", "attention_modules",
+    "capture_attention", "extract_attention", "num_layers_heads", "token_layout",
 ]
 
 ATTENTION_MODULES: dict[str, str] = {
