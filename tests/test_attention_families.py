@@ -8,12 +8,16 @@ one model per attention variant inside the supported families. Each either
   plain forward, or
 - raises :class:`UnsupportedModelError` naming the family,
 
-and nothing else. ``bench/check_attention_families.py`` runs the same check over every
-variant of the supported families (held back: minutes of CPU).
+and nothing else. The held-back check runs the same over every variant of the given
+families (minutes to hours of CPU; giant variants need tens of GB)::
+
+    VITSEM_ATTENTION_FAMILIES=vision_transformer,eva,beit \\
+        pytest tests/test_attention_families.py -k held_back
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -133,6 +137,16 @@ def test_attention_variants(name: str) -> None:
 @pytest.mark.parametrize("module", sorted(family_representatives()))
 def test_every_timm_family_matches_or_is_refused(module: str) -> None:
     check_model(family_representatives()[module])
+
+
+HELD_BACK = [name for module in filter(None, os.environ.get(
+    "VITSEM_ATTENTION_FAMILIES", "").split(",")) for name in timm.list_models(module=module)]
+
+
+@pytest.mark.skipif(not HELD_BACK, reason="held back: set VITSEM_ATTENTION_FAMILIES")
+@pytest.mark.parametrize("name", HELD_BACK or ["none"])
+def test_held_back_variants(name: str) -> None:
+    check_model(name)
 
 
 def test_explicit_path_is_read_at_attn_drop() -> None:
