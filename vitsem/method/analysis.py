@@ -101,7 +101,7 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
     ws = workspace or Workspace()
     onehot = sem.onehot
     k = onehot.shape[-1]
-    levels_ones = sem.onehot_and_ones[:, None]  # (B, 1, N, K + 1)
+    levels_ones = sem.onehot_and_ones  # (B, N, K + 1)
     level_mass = torch.empty(b, h, n, k, device=block.device)
     dist = torch.empty(b, h, n, device=block.device)
     ent = torch.empty(b, h, n, device=block.device)
@@ -114,17 +114,19 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
         shifted.sub_(shifted.amax(-1, keepdim=True))
         e = torch.exp(shifted, out=ws.get("stats_exp", shifted.shape, block.device))
         # One batched matmul gives each query's mass on every level and its row sum r.
-        sums = e @ levels_ones  # (B, H, R, K + 1)
+        # (B, H * R, N) @ (B, N, K + 1): one bmm per image, not a broadcast over heads.
+        sums = torch.bmm(e.flatten(1, 2), levels_ones).view(b, h, z - a, k + 1)
         inv_row = sums[..., k].reciprocal()  # r > 0: the row maximum contributes exp(0) = 1
         level_mass[:, :, a:z] = sums[..., :k] * inv_row[..., None]
         prod = ws.get("stats_prod", shifted.shape, block.device)
         dist[:, :, a:z] = torch.mul(e, distances[a:z], out=prod).sum(-1) * inv_row
         # Row entropy of A_pp = E / r without a logarithm of the map:
         # H = log r - sum_j E l / r.
-        plogit = torch.mul(e, shifted, out=prod)
         if block.masked:  # 0 * -inf where a key is masked out: it contributes nothing
-            plogit.nan_to_num_(nan=0.0)
-        ent[:, :, a:z] = plogit.sum(-1).mul_(inv_row).neg_().sub_(inv_row.log())
+            plogit = torch.mul(e, shifted, out=prod).nan_to_num_(nan=0.0).sum(-1)
+        else:  # a row-wise dot product, without the elementwise temporary
+            plogit = torch.einsum("bhrn,bhrn->bhr", e, shifted)
+        ent[:, :, a:z] = plogit.mul_(inv_row).neg_().sub_(inv_row.log())
 
     counts = onehot.sum(1)  # (B, K)
     n_sem = sem.semantic.sum(1)  # (B,)

@@ -177,11 +177,11 @@ class AttentionBlock:
         return max(1, self.memory_budget // max(per_row, 1))
 
     def _key_t(self) -> torch.Tensor:
-        """k^T (B, H, d, S) packed contiguous once per block, float32."""
+        """k^T (B, H, d, S), a transposed view of k packed contiguous once per block: packing
+        k as it lies is far cheaper than packing its transpose, and bmm reads either."""
         if self._kt is None:
             assert self._k is not None
-            k = self._k.detach()
-            self._kt = k.transpose(-2, -1).float().contiguous()
+            self._kt = self._k.detach().float().contiguous().transpose(-2, -1)
         return self._kt
 
     def scores(self, rows: slice, keys: slice = slice(None), out: str | None = "scores"
@@ -202,7 +202,9 @@ class AttentionBlock:
         # q is a strided view into the qkv projection: packing it (scale folded in) lets the
         # batched matmul run without hidden copies.
         qs = torch.mul(q, self._scale, out=self._ws.get("q", q.shape, self.device))
-        torch.matmul(qs, self._key_t()[..., k0:k1], out=buf)
+        # bmm into the buffer: a 4-d matmul with ``out`` computes into a temporary and copies.
+        torch.bmm(qs.flatten(0, 1), self._key_t()[..., k0:k1].flatten(0, 1),
+                  out=buf.view(b * h, r1 - r0, k1 - k0))
         if self._causal:
             keep = torch.ones(r1 - r0, k1 - k0, dtype=torch.bool, device=self.device)
             keep = keep.tril(r0 - k0)
