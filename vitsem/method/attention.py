@@ -64,7 +64,8 @@ REFUSED_ATTENTION: dict[str, str] = {
         "CaiT's talking-heads attention mixes the heads' logits before the softmax and the "
         "probabilities after it, so no per-head softmax map exists to capture"),
     "timm.models.cait.ClassAttn": (
-        "CaiT's class attention has the CLS token as its only query (no token-to-token map)"),
+        "class attention (CaiT, XCiT) has the CLS token as its only query, so there is no "
+        "token-to-token map"),
     "timm.layers.diff_attention.DiffAttention": (
         "differential attention is the difference of two softmax maps, not one softmax"),
     "timm.models.vision_transformer.DiffParallelScalingBlock": (
