@@ -17,9 +17,11 @@ families (minutes to hours of CPU; giant variants need tens of GB)::
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import timm
@@ -50,6 +52,13 @@ VARIANTS = [
     "naflexvit_base_patch16_gap",  # NaFlex
     "resnet18",  # no attention: refused
 ]
+
+
+@pytest.fixture(autouse=True)
+def _free_models() -> Iterator[None]:
+    """One model at a time: free each family's model before the next is built."""
+    yield
+    gc.collect()
 
 
 def _size_rank(name: str) -> tuple[int, int, int, str]:
