@@ -76,23 +76,32 @@ def family_representatives() -> dict[str, str]:
     return {m: min(names, key=_size_rank) for m, names in sorted(families.items()) if names}
 
 
+def _build(name: str, **kwargs: object) -> torch.nn.Module:
+    """Random weights, eval mode; two blocks where the family takes ``depth`` (memory and
+    time: a 412M-parameter family then fits in well under 1 GB)."""
+    try:
+        return timm.create_model(name, pretrained=False, depth=2, **kwargs).eval()
+    except Exception:  # no integer depth in this family: its full depth
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
 def _create(name: str, small: bool = True) -> tuple[torch.nn.Module, int]:
-    """The model, random weights, eval mode, at a small input (4 patches a side) where the
-    family allows, else at its own input size."""
+    """The model at a small input (4 patches a side) where the family allows, else at its
+    own input size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if small:
             try:
-                model = timm.create_model(name, pretrained=False, img_size=64).eval()
+                model = _build(name, img_size=64)
                 patch = next((m.patch_size for n, m in model.named_modules()
                               if n.endswith("patch_embed") and hasattr(m, "patch_size")), (16,))
                 if 64 % int(patch[0]) == 0:
                     return model, 64
                 size = 4 * int(patch[0])
-                return timm.create_model(name, pretrained=False, img_size=size).eval(), size
+                return _build(name, img_size=size), size
             except TypeError:  # no img_size argument
                 pass
-        model = timm.create_model(name, pretrained=False).eval()
+        model = _build(name)
     return model, int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
