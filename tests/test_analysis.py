@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from vitsem.method.analysis import InterrelationAnalyzer, SemanticBatch, interrelation_stats
@@ -186,3 +187,34 @@ def test_masked_keys_count_as_zero_attention() -> None:
     ref = _reference(block.probs.double().numpy(), c, 1, True)
     for name, value in ref.items():
         np.testing.assert_allclose(s[name].numpy(), value, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("prefix", [1, 5])
+def test_chunked_rows_match_the_literal_reference(prefix: int) -> None:
+    """A budget of one query row per chunk (every chunk boundary) gives the same figures."""
+    attn, c = _random_case(2, 3, prefix, seed=7 + prefix)
+    tiny = AttentionBlock.from_logits(attn.logits, memory_budget=2 * 3 * N * 4 * 3)
+    assert tiny.chunk_rows(3, keys=N) == 1
+    layout = TokenLayout(prefix, True, GRID)
+    sem = SemanticBatch.from_concentrations(c)
+    dist = torch.from_numpy(GRID.distances().astype(np.float32))
+    ours = {k: v.numpy() for k, v in interrelation_stats(tiny, sem, layout, dist).items()}
+    ref = _reference(attn.probs.double().numpy(), c, prefix, True)
+    for name, value in ref.items():
+        np.testing.assert_allclose(ours[name], value, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_capture_statistics_do_not_depend_on_the_memory_budget() -> None:
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56).eval()
+    layout = token_layout(model, (56, 56))
+    x = torch.randn(3, 3, 56, 56)
+    c = np.random.default_rng(3).poisson(1.0, size=(3, layout.grid.num_patches)).astype(float)
+    sem = SemanticBatch.from_concentrations(c)
+    whole = InterrelationAnalyzer(model, layout).run(x, sem, keep_cls_maps=True)
+    rows = InterrelationAnalyzer(model, layout, memory_budget=3 * 3 * 16 * 4 * 3
+                                 ).run(x, sem, keep_cls_maps=True)
+    assert torch.equal(whole.logits, rows.logits)
+    for name, v in whole.stats.items():
+        np.testing.assert_allclose(rows.stats[name], v, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert whole.cls_maps is not None and rows.cls_maps is not None
+    np.testing.assert_allclose(rows.cls_maps, whole.cls_maps, rtol=1e-5, atol=1e-7)

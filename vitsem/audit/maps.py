@@ -29,6 +29,12 @@ def _normalise(m: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, m / total.clamp_min(1e-30), torch.full_like(m, 1 / m.shape[-1]))
 
 
+def _cls_row(block: AttentionBlock) -> torch.Tensor:
+    """(B, H, T) the softmax attention of query 0 (CLS) over all tokens; reads only that
+    row of the block's map."""
+    return block.rows(0, 1).probs[:, :, 0].clone()
+
+
 @torch.no_grad()
 def semantic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor
                        ) -> torch.Tensor:
@@ -39,7 +45,7 @@ def semantic_attention(model: nn.Module, x: torch.Tensor, semantic: torch.Tensor
     acc: dict[str, torch.Tensor] = {}
 
     def sink(_layer: int, block: AttentionBlock) -> None:
-        a = block.probs[:, :, 0, p:].mean(1)
+        a = _cls_row(block)[..., p:].mean(1)
         acc["sum"] = a if "sum" not in acc else acc["sum"] + a
 
     with capture_attention(model, sink):
@@ -61,7 +67,7 @@ def cls_attention_last(model: nn.Module, x: torch.Tensor,
 
     def sink(layer: int, block: AttentionBlock) -> None:
         if layer == last:
-            out.append(block.probs[:, :, 0, p:].mean(1))
+            out.append(_cls_row(block)[..., p:].mean(1))
 
     with capture_attention(model, sink):
         model(x)
@@ -78,7 +84,10 @@ def attention_rollout(model: nn.Module, x: torch.Tensor,
     state: dict[str, torch.Tensor] = {}
 
     def sink(_layer: int, block: AttentionBlock) -> None:
-        a = block.probs.mean(1)
+        # The head mean (B, T, T) chunk by chunk: the (B, H, T, T) map is never held whole.
+        a = torch.empty(block.shape[0], block.shape[2], block.shape[3], device=block.device)
+        for rows in block.chunks():
+            torch.mean(rows.probs, 1, out=a[:, rows.start:rows.start + rows.probs.shape[2]])
         a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
         a = a / a.sum(-1, keepdim=True)
         state["r"] = a if "r" not in state else a @ state["r"]

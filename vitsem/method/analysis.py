@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitsem.method.attention import AttentionBlock, TokenLayout, capture_attention, num_layers_heads
+from vitsem.method.attention import (
+    AttentionBlock,
+    TokenLayout,
+    Workspace,
+    capture_attention,
+    num_layers_heads,
+)
 from vitsem.method.concentration import concentration_levels, patch_weights
 
 PER_HEAD_STATS: dict[str, str] = {
@@ -76,29 +82,54 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: TokenLayout,
-                        distances: torch.Tensor, scratch: torch.Tensor | None = None
+                        distances: torch.Tensor, workspace: Workspace | None = None
                         ) -> dict[str, torch.Tensor]:
     """All :data:`PER_HEAD_STATS` for one block. ``distances`` (N, N) patch distances,
-    ``scratch`` an optional reusable (B, H, N, N) float32 buffer. Returns tensors of shape
-    (B, H, ...)."""
-    attn = block.probs
+    ``workspace`` optional reusable buffers. Returns tensors of shape (B, H, ...).
+
+    The map is read over chunks of query rows that fit the block's memory budget, and only
+    its patch-to-patch part and CLS row: A_pp = E / r with E = exp(s - max s) of the raw
+    patch scores s and r its row sum, so the softmax over all tokens is never normalised.
+    Per query it keeps the level masses, the distance and the entropy (B, H, N, ...)."""
     p = layout.num_prefix
     n = layout.grid.num_patches
-    if attn.shape[-1] != p + n:
+    b, h, t, _ = block.shape
+    if t != p + n:
         raise ValueError(
-            f"attention has {attn.shape[-1]} tokens, layout expects {p} prefix + {n} patches"
+            f"attention has {t} tokens, layout expects {p} prefix + {n} patches"
         )
-    pp = attn[..., p:, p:]
+    ws = workspace or Workspace()
     onehot = sem.onehot
     k = onehot.shape[-1]
-    # One batched matmul gives each query's mass on every level and its row sum r.
-    sums = pp @ sem.onehot_and_ones[:, None]  # (B, H, N, K + 1)
-    row = sums[..., k]  # (B, H, N); > 0: softmax is positive
-    inv_row = row.reciprocal()
-    level_mass = sums[..., :k] * inv_row[..., None]  # (B, H, N, K)
+    levels_ones = sem.onehot_and_ones  # (B, N, K + 1)
+    level_mass = torch.empty(b, h, n, k, device=block.device)
+    dist = torch.empty(b, h, n, device=block.device)
+    ent = torch.empty(b, h, n, device=block.device)
+    step = block.chunk_rows(buffers=3, keys=n)
+    for a in range(0, n, step):
+        z = min(a + step, n)
+        # Shifted patch scores l = s - max s (B, H, R, N) and E = exp(l), both in reused
+        # buffers: fresh (B, H, R, N) temporaries cost more in page faults than arithmetic.
+        shifted = block.scores(slice(p + a, p + z), slice(p, None), out="stats_scores")
+        shifted.sub_(shifted.amax(-1, keepdim=True))
+        e = torch.exp(shifted, out=ws.get("stats_exp", shifted.shape, block.device))
+        # One batched matmul gives each query's mass on every level and its row sum r.
+        # (B, H * R, N) @ (B, N, K + 1): one bmm per image, not a broadcast over heads.
+        sums = torch.bmm(e.flatten(1, 2), levels_ones).view(b, h, z - a, k + 1)
+        inv_row = sums[..., k].reciprocal()  # r > 0: the row maximum contributes exp(0) = 1
+        level_mass[:, :, a:z] = sums[..., :k] * inv_row[..., None]
+        prod = ws.get("stats_prod", shifted.shape, block.device)
+        dist[:, :, a:z] = torch.mul(e, distances[a:z], out=prod).sum(-1) * inv_row
+        # Row entropy of A_pp = E / r without a logarithm of the map:
+        # H = log r - sum_j E l / r.
+        if block.masked:  # 0 * -inf where a key is masked out: it contributes nothing
+            plogit = torch.mul(e, shifted, out=prod).nan_to_num_(nan=0.0).sum(-1)
+        else:  # a row-wise dot product, without the elementwise temporary
+            plogit = torch.einsum("bhrn,bhrn->bhr", e, shifted)
+        ent[:, :, a:z] = plogit.mul_(inv_row).neg_().sub_(inv_row.log())
+
     counts = onehot.sum(1)  # (B, K)
     n_sem = sem.semantic.sum(1)  # (B,)
-
     mass = level_mass[..., 1:].sum(-1).mean(-1)  # (B, H)
     lift = _safe_div(mass, (n_sem / n)[:, None].expand_as(mass))
     lift = torch.where((n_sem > 0)[:, None], lift, torch.full_like(lift, torch.nan))
@@ -110,21 +141,8 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
         tot = torch.einsum("bnk,bhn->bhk", onehot, per_query)
         return _safe_div(tot, counts[:, None, :].expand_as(tot))
 
-    # Both row reductions below go through ``scratch``: a fresh (B, H, N, N) temporary per
-    # block costs more in page faults than the arithmetic.
-    if scratch is None or scratch.shape != pp.shape:
-        scratch = torch.empty_like(pp)
-    dist = torch.mul(pp, distances, out=scratch).sum(-1) * inv_row
-    # Row entropy of A_pp = P / r with log P = logits - log Z (no logarithm of the map):
-    # H = log Z + log r - sum_j P logits / r.
-    plogit = torch.mul(pp, block.logits[..., p:, p:], out=scratch)
-    if block.masked:  # 0 * -inf where a key is masked out: it contributes nothing
-        plogit.nan_to_num_(nan=0.0)
-    ent = block.log_partition[..., p:, 0] + row.log() - plogit.sum(-1) * inv_row
-
     if layout.has_cls:
-        a_cls = attn[..., 0, p:]
-        a_cls = a_cls / a_cls.sum(-1, keepdim=True)
+        a_cls = cls_patch_attention(block, layout)
         focus = (a_cls * sem.weights[:, None, :]).sum(-1) * n
         focus = torch.where((n_sem > 0)[:, None], focus, torch.full_like(focus, torch.nan))
     else:
@@ -140,6 +158,13 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
     }
 
 
+def cls_patch_attention(block: AttentionBlock, layout: TokenLayout) -> torch.Tensor:
+    """(B, H, N) the CLS row's attention over the patches, renormalised to sum to 1; reads
+    only that row of the map."""
+    row = block.scores(slice(0, 1), slice(layout.num_prefix, None), out="cls_row")[:, :, 0]
+    return row.softmax(-1)
+
+
 @dataclass
 class BatchAnalysis:
     """One batch's output: ``logits`` (B, C); ``stats`` name -> (B, L, H, ...) float32 arrays;
@@ -153,14 +178,18 @@ class BatchAnalysis:
 
 class InterrelationAnalyzer:
     """Runs a model with attention capture and reduces every block's map to
-    :data:`PER_HEAD_STATS` as it is produced, so no full map outlives its block."""
+    :data:`PER_HEAD_STATS` as it is produced, chunk by chunk of query rows within
+    ``memory_budget`` bytes (default :data:`~vitsem.method.attention.DEFAULT_MEMORY_BUDGET`),
+    so no block's full (B, H, T, T) map is ever held."""
 
-    def __init__(self, model: nn.Module, layout: TokenLayout) -> None:
+    def __init__(self, model: nn.Module, layout: TokenLayout,
+                 memory_budget: int | None = None) -> None:
         self.model = model
         self.layout = layout
+        self.memory_budget = memory_budget
         self.num_layers, self.num_heads = num_layers_heads(model)
         self._distances: dict[torch.device, torch.Tensor] = {}
-        self._scratch: torch.Tensor | None = None
+        self._ws = Workspace()
 
     def distances(self, device: torch.device) -> torch.Tensor:
         if device not in self._distances:
@@ -177,17 +206,11 @@ class InterrelationAnalyzer:
         dist = self.distances(x.device)
 
         def sink(_layer: int, block: AttentionBlock) -> None:
-            attn = block.probs
-            p = self.layout.num_prefix
-            shape = attn[..., p:, p:].shape
-            if self._scratch is None or self._scratch.shape != shape:
-                self._scratch = torch.empty(shape, dtype=attn.dtype, device=attn.device)
-            per_layer.append(interrelation_stats(block, sem, self.layout, dist, self._scratch))
+            per_layer.append(interrelation_stats(block, sem, self.layout, dist, self._ws))
             if keep_cls_maps and self.layout.has_cls:
-                row = attn[..., 0, p:]
-                cls_rows.append(row / row.sum(-1, keepdim=True))
+                cls_rows.append(cls_patch_attention(block, self.layout))
 
-        with capture_attention(self.model, sink):
+        with capture_attention(self.model, sink, self.memory_budget):
             logits = self.model(x)
         stats = {k: torch.stack([d[k] for d in per_layer], 1).cpu().numpy()
                  for k in PER_HEAD_STATS}

@@ -29,7 +29,10 @@ LAYER_STATS = ("semantic_lift", "cls_focus", "semantic_mass")
 class AnalysisConfig:
     """Options of :func:`analyze_images` (METHOD.md §1-2): the semantic concentration
     (``semantic``), model batch size, SIFT processes (``workers``, default all cores), SIFT
-    settings, image limits, images kept for pictures and the model's device."""
+    settings, image limits, images kept for pictures and the model's device.
+    ``attention_memory_budget``: bytes one block's attention statistics may take at a time
+    (query-row chunks), default per device in
+    :data:`~vitsem.method.attention.DEFAULT_MEMORY_BUDGET` (CPU 64 MiB, CUDA 512 MiB)."""
 
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     batch_size: int = 32
@@ -38,6 +41,7 @@ class AnalysisConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     num_examples: int = 4
     device: str = "cpu"
+    attention_memory_budget: int | None = None
 
     def validate(self) -> None:
         self.semantic.validate()
@@ -47,6 +51,9 @@ class AnalysisConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.num_examples < 0:
             raise ConfigError(f"num_examples must be >= 0, got {self.num_examples}")
+        if self.attention_memory_budget is not None and self.attention_memory_budget < 2**20:
+            raise ConfigError("attention_memory_budget must be >= 1 MiB (1048576 bytes) or "
+                              f"None for the device default, got {self.attention_memory_budget}")
 
 
 @dataclass
@@ -155,7 +162,7 @@ def new_analysis(model: nn.Module, view: ModelView, config: AnalysisConfig
                  ) -> tuple[InterrelationAnalyzer, AnalysisResult]:
     """An analyzer for ``model`` at ``view``'s input size and an empty result to fill."""
     layout = token_layout(model, view.hw)
-    analyzer = InterrelationAnalyzer(model, layout)
+    analyzer = InterrelationAnalyzer(model, layout, config.attention_memory_budget)
     return analyzer, AnalysisResult(layout, analyzer.num_layers, analyzer.num_heads, config,
                                     StatsAccumulator())
 
