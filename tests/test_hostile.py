@@ -318,7 +318,8 @@ def test_markdown_helpers_escape_hostile_strings() -> None:
     _markdown_is_inert(md)
     finding = {"rank": 1, "class_name": EVIL_CLASSES[0], "recurrence": 0.5, "other_rate": 0.1,
                "effect": 0.2, "random_effect": 0.01, "p_value": 0.001, "shortcut": True,
-               "confirmed": True, "confidence": 0.9}
+               "confirmed": True, "confidence": 0.9, "verdict": "shortcut",
+               "verdict_label": "shortcut"}
     md = findings_markdown({"findings": {"semantic": [finding]}, "prompts": {
         "none": {"accuracy": 0.5, "worst_group": "a|b|c", "worst_group_accuracy": 0.1}},
         "notes": ["<script>alert(1)</script>"]}, "s3://b/<img src=x>", [])
