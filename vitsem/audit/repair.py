@@ -176,10 +176,6 @@ def gap_closed(outcome: RepairOutcome, floor: RepairOutcome, oracle: RepairOutco
     return (outcome.worst_group_accuracy - floor.worst_group_accuracy) / gap
 
 
-def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
-    return predict_labels(model, x, batch_size).numpy()
-
-
 @dataclass
 class RepairResult:
     """Outcomes by method (``none`` = floor, ``dfr:pseudo`` = from the audit's findings,
@@ -215,15 +211,16 @@ def repair_last_layer(model: nn.Module, held_x: torch.Tensor, held_labels: np.nd
         check_groups(labels, held_true_groups, class_names, None, min_images, min_per_group)
         fits["dfr:oracle"] = list(held_true_groups)
     models: dict[str, nn.Module] = {"none": model}
-    outcomes = {"none": evaluate("none", predict_classes(model, eval_x), eval_labels,
+    outcomes = {"none": evaluate("none", predict_labels(model, eval_x, 128).numpy(), eval_labels,
                                  eval_groups)}
     for name, groups in fits.items():
         w, b = fit_balanced_head(feats, labels, groups, len(class_names), c=c,
                                  subsamples=subsamples, seed=seed)
         models[name] = with_head(model, w, b)
         sizes = dict(zip(*np.unique(np.asarray(groups), return_counts=True), strict=True))
-        outcomes[name] = evaluate(name, predict_classes(models[name], eval_x), eval_labels,
-                                  eval_groups, {str(k): int(v) for k, v in sizes.items()})
+        pred = predict_labels(models[name], eval_x, 128).numpy()
+        outcomes[name] = evaluate(name, pred, eval_labels, eval_groups,
+                                  {str(k): int(v) for k, v in sizes.items()})
     if "dfr:oracle" in outcomes:
         for name, o in list(outcomes.items()):
             outcomes[name] = RepairOutcome(
