@@ -13,7 +13,7 @@ Storage and orchestration live elsewhere; this module sees arrays and a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -43,7 +43,7 @@ from vitsem.audit.results import (
 )
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_without
-from vitsem.audit.verdicts import verdict_of
+from vitsem.audit.verdicts import ReviewDecision, carry_review, verdict_of
 from vitsem.errors import AuditInputError, ConfigError, RepairInputError
 from vitsem.method.attention import token_layout
 from vitsem.method.concentration import (
@@ -165,11 +165,15 @@ def _keypoint_arrays(keypoints: Sequence[Keypoints], grid: TokenGrid
     return desc, patches
 
 def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig = AuditConfig(),
-          *, heldout: AuditData | None = None) -> AuditResult:
+          *, heldout: AuditData | None = None, family: str = "",
+          reviews: Sequence[ReviewDecision] = ()) -> AuditResult:
     """Run the audit of ``model`` on ``data`` with every map in ``cfg.maps``. With
     ``heldout`` labelled images (not used in training), the method's relied-on findings are
     turned into pseudo-groups for a last-layer repair, evaluated on ``data``; ``heldout``'s
-    own ``groups``, when given, serve as the oracle."""
+    own ``groups``, when given, serve as the oracle. ``reviews``: decisions recorded for the
+    model ``family``; a finding of the same pattern carries its decision (a pattern reviewed
+    as legitimate is neither prompted away nor repaired against) and is flagged only when
+    new or regressed."""
     cfg.validate()
     model.eval()
     num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -213,6 +217,7 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     for name in cfg.maps:
         m = _audit_map(name, model, x, w_tensor, base, desc, kp_patches, coverage, weights,
                        data.class_names, predict, cfg)
+        m.findings = [_carried(f, family, reviews) for f in m.findings]
         result.maps[name] = m
         result.prompts[f"drop:{name}"] = outcome(np.any(
             [f.patches for f in m.relied] or [none], axis=0))
@@ -230,6 +235,12 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     if heldout is not None:
         _repair(model, view, grid, data, labels, groups, ref, heldout, result, cfg)
     return result
+
+
+def _carried(f: Finding, family: str, reviews: Sequence[ReviewDecision]) -> Finding:
+    c = carry_review(family, f.class_name, f.centroids, f.radii, f.verdict,
+                     f.causal.effect - f.causal.random_effect, reviews)
+    return replace(f, verdict=c.verdict, review=c.decision, flag=c.flag)
 
 
 def _repair(model: nn.Module, view: ModelView, grid: TokenGrid, data: AuditData,
@@ -258,6 +269,15 @@ def _repair(model: nn.Module, view: ModelView, grid: TokenGrid, data: AuditData,
         return
     result.repairs = rep.outcomes
     result.repaired_models = rep.models
+    # Re-audit the annotation-free repair with the reference map: does it still rely on
+    # what the unrepaired model relied on?
+    again = audit(rep.models["dfr:pseudo"], view, data,
+                  replace(cfg, maps=(ref.map,), faithfulness_images=0))
+    result.reaudit = {"method": "dfr:pseudo", "map": ref.map,
+                      "prompts": {"none": asdict(again.prompts["none"])},
+                      "findings": [{k: v for k, v in f.summary().items() if k != "pattern"}
+                                   for f in again.maps[ref.map].findings] if ref.map in
+                      again.maps else [], "notes": again.notes}
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
