@@ -111,8 +111,9 @@ def model_audit_markdown(params: Mapping[str, Any], sift: Mapping[str, Any],
     """The model audit in a few lines: what ran on what, and what each step found."""
     lift = [round(r["semantic_lift"], 3) for r in analysis["layer_profile"]]
     if audit is not None:
-        audit_line = (f"- shortcut audit: {audit['shortcuts']} confirmed shortcut(s), status "
-                      f"{md_text(audit['status'])}; report {md_code(audit['report_uri'])}")
+        audit_line = (f"- shortcut audit: {audit['shortcuts']} confirmed shortcut(s), "
+                      f"{audit.get('flagged', 0)} flagged (new or regressed since review), "
+                      f"status {md_text(audit['status'])}; report {md_code(audit['report_uri'])}")
     else:
         audit_line = ("- shortcut audit: skipped, the data carry no labels (use a benchmark "
                       "folder or one sub-folder per class)")
