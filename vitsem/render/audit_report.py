@@ -189,7 +189,9 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
     files += [out / "audit.json", out / "images.jsonl"]
     sections: list[str] = []
     method = result.maps.get(METHOD)
-    shown = (method.relied or method.findings)[:max_findings] if method else []
+    # Relied-on and reviewed findings (a reviewed one stays visible with its decision).
+    shown = ([f for f in method.findings if f.relied_on or f.review is not None]
+             or method.findings)[:max_findings] if method else []
     for f in shown:
         png = out / f"finding_{METHOD}_{f.rank}.png"
         fig = finding_figure(result, data, METHOD, f)

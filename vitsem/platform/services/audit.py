@@ -80,7 +80,8 @@ def label_indices(images: Sequence[InputImage], spec: ModelSpec, num_classes: in
 def split_heldout(images: Sequence[InputImage], fraction: float
                   ) -> tuple[list[InputImage], list[InputImage]]:
     """(audited, held out): ``fraction`` of each group's images held out for the repair,
-    chosen by a hash of the path (the same images on every run, whatever the order)."""
+    chosen by a hash of the file name (the same images on every run, whatever the order or
+    where the data lie)."""
     if not 0.0 <= fraction < 1.0:
         raise AuditInputError(f"the held-out share must be in [0, 1), got {fraction}")
     by_group: dict[str, list[InputImage]] = {}
@@ -88,7 +89,7 @@ def split_heldout(images: Sequence[InputImage], fraction: float
         by_group.setdefault(str(im.group or im.label), []).append(im)
     held: set[str] = set()
     for members in by_group.values():
-        ranked = sorted(members, key=lambda im: hashlib.sha256(im.path.encode(
+        ranked = sorted(members, key=lambda im: hashlib.sha256(Path(im.path).name.encode(
             "utf-8", "surrogateescape")).hexdigest())
         held.update(im.path for im in ranked[:round(fraction * len(members))])
     return ([im for im in images if im.path not in held],
