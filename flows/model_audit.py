@@ -26,6 +26,9 @@ class ModelAuditParams(AnalysisParams):
     alpha: float = Field(default=0.01, gt=0, lt=1, description="Audit: causal significance.")
     min_effect: float = Field(default=0.05, ge=0, le=1,
                               description="Audit: probability drop beyond random that confirms.")
+    family: str | None = Field(default=None, description=(
+        "Audit: model family whose recorded review decisions carry, so only new or regressed "
+        "patterns are flagged (default: the model's name)."))
 
     def step(self, kind: type[BaseModel]) -> Any:
         """The parameters of one step, as ``kind``."""
@@ -45,6 +48,7 @@ def model_audit(params: ModelAuditParams) -> dict[str, Any]:
         run.mlflow_run_id = analysis["mlflow_run_id"]
         run.summary = {"images": analysis["images"], "rejected": sift["rejected"],
                        "shortcuts": audit["shortcuts"] if audit else None,
+                       "flagged": audit["flagged"] if audit else None,
                        "audit_digest": audit["audit_digest"] if audit else None}
         publish("model-audit-summary", model_audit_markdown(params.model_dump(), sift,
                                                             analysis, audit))

@@ -39,24 +39,48 @@ class AuditParams(DataParams):
     min_effect: float = Field(default=0.05, ge=0, le=1,
                               description="Probability drop beyond random that confirms.")
     batch_size: int = Field(default=64, ge=1)
+    maps: list[str] | None = Field(default=None, description=(
+        "Attribution maps to audit with (default: every map but occlusion)."))
+    family: str | None = Field(default=None, description=(
+        "Model family: its recorded review decisions are carried, and a repaired model is "
+        "registered as a new version of it (default: the model's name)."))
+    repair_holdout: float = Field(default=0.0, ge=0, lt=1, description=(
+        "Share of each group's labelled images held out (not audited) to repair the last "
+        "layer from the findings; 0: no repair. The images must not have been trained on."))
 
     def config(self) -> AuditConfig:
         return AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
                            top_fraction=self.top_fraction,
                            alpha=self.alpha, min_effect=self.min_effect,
-                           batch_size=self.batch_size)
+                           batch_size=self.batch_size,
+                           **({"maps": tuple(self.maps)} if self.maps else {}))
 
 
 @task(**RETRYING_TASK)
 def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
               params: AuditParams) -> AuditReport:
-    return audit.audit_images(settings, dataset_id, images, params.model, params.checkpoint,
-                              params.config(), {"data": params.data, "split": params.split})
+    audited, heldout = audit.split_heldout(images, params.repair_holdout)
+    return audit.audit_images(settings, dataset_id, audited, params.model, params.checkpoint,
+                              params.config(), {"data": params.data, "split": params.split},
+                              heldout=heldout, family=params.family)
 
 
 @task(**RETRYING_TASK)
 def track_audit(settings: Settings, params: AuditParams, report: AuditReport) -> str:
-    return tracking.log_audit(settings, params.model_dump(), report.summary, report.files)
+    run_id = tracking.log_audit(settings, params.model_dump(), report.summary, report.files)
+    tracking.log_audit_scores(settings, run_id, report.summary)
+    return run_id
+
+
+@task(**RETRYING_TASK)
+def register_repair(settings: Settings, report: AuditReport, run_id: str) -> str | None:
+    """The repaired checkpoint as a new version of the model family, if the audit repaired."""
+    if report.repaired is None:
+        return None
+    o = report.summary["repairs"][audit.REPAIR_METHOD]
+    return tracking.register_repair(settings, run_id, report.repaired, report.family,
+                                    report.digest, {k: o[k] for k in (
+                                        "accuracy", "worst_group_accuracy")})
 
 
 @flow(name="spurious_audit", task_runner=make_task_runner(), **RUN_HOOKS)
@@ -70,11 +94,15 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
         reports = run_sift(settings, dataset_id, inputs.paths, params)
         report = run_audit(settings, dataset_id, images, params)
         run.mlflow_run_id = track_audit(settings, params, report)
+        repaired_version = register_repair(settings, report, run.mlflow_run_id)
         s = report.summary
+        semantic = s["findings"].get("semantic", [])
         run.summary = totals(reports, inputs) | {
             "images": s["images"], "status": s["status"], "audit_digest": report.digest,
-            "cached_audit": report.cached,
-            "shortcuts": sum(f["shortcut"] for f in s["findings"].get("semantic", [])),
+            "cached_audit": report.cached, "family": report.family,
+            "shortcuts": sum(f["shortcut"] for f in semantic),
+            "flagged": sum(bool(f.get("flag")) for f in semantic),
+            "repaired_version": repaired_version,
             "mlflow_run_id": run.mlflow_run_id, "report_uri": report.report_uri}
         url = tracking.run_url(settings, run.mlflow_run_id)
         if url:
@@ -84,5 +112,7 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
             rejected_files(reports, inputs),
             findings_markdown(s, report.report_uri, [f"MLflow run: {url or run.mlflow_run_id}"])))
     return run.summary | {"findings": s["findings"], "prompts": s["prompts"],
-                          "notes": s["notes"],
+                          "notes": s["notes"], "repairs": s.get("repairs", {}),
+                          "faithfulness": s.get("faithfulness", {}),
+                          "reaudit": s.get("reaudit", {}),
                           "rejected_files": rejected_files(reports, inputs)}

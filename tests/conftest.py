@@ -73,3 +73,19 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def shortcut_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rho = 1 in training: the glyph alone separates class 0, so a tiny ViT trained for a
+    few epochs relies on it; the test split is decorrelated."""
+    root = tmp_path_factory.mktemp("shortcut") / "data"
+    return make_shortcut_dataset(root, ShortcutSpec(n_train=400, n_test=120, rho=1.0, seed=5),
+                                 workers=1)
+
+
+@pytest.fixture(scope="session")
+def shortcut_model(shortcut_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shortcut-model") / "model.safetensors"
+    train_classifier(shortcut_data, out, TrainConfig(epochs=4, depth=2, seed=0))
+    return out

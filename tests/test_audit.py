@@ -17,8 +17,6 @@ from vitsem.audit.pipeline import AuditConfig, AuditData, audit
 from vitsem.audit.prompting import keep_top_k, prompt_outcome
 from vitsem.audit.verdicts import Verdict
 from vitsem.data.inputs import labelled_images
-from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
-from vitsem.data.train import TrainConfig, train_classifier
 from vitsem.errors import AuditInputError
 from vitsem.method.attention import token_layout
 from vitsem.method.keypoints import detect_sift
@@ -120,22 +118,6 @@ def test_enrichment_decides_whether_a_shared_pattern_is_a_candidate() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The audit on a model that relies on the planted glyph
-
-
-@pytest.fixture(scope="session")
-def shortcut_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """rho = 1 in training: the glyph alone separates class 0, so a tiny ViT trained for a
-    few epochs relies on it; the test split is decorrelated."""
-    root = tmp_path_factory.mktemp("shortcut") / "data"
-    return make_shortcut_dataset(root, ShortcutSpec(n_train=400, n_test=120, rho=1.0, seed=5),
-                                 workers=1)
-
-
-@pytest.fixture(scope="session")
-def shortcut_model(shortcut_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shortcut-model") / "model.safetensors"
-    train_classifier(shortcut_data, out, TrainConfig(epochs=4, depth=2, seed=0))
-    return out
 
 
 def test_audit_finds_confirms_and_prompts_away_the_planted_shortcut(

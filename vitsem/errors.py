@@ -75,6 +75,11 @@ class RepairInputError(AuditInputError):
     too few images, no linear head)."""
 
 
+class ReviewInputError(VitsemError):
+    """A review decision that cannot be recorded: an unknown finding, one the causal check
+    did not confirm, or one stored without the pattern that identifies it again."""
+
+
 class PretrainInputError(VitsemError, ValueError):
     """Pre-training data or settings that cannot work (a keypoint grid that does not match
     the encoder, say)."""

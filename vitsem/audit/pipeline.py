@@ -13,7 +13,7 @@ Storage and orchestration live elsewhere; this module sees arrays and a model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -43,8 +43,8 @@ from vitsem.audit.results import (
 )
 from vitsem.audit.scores import off_object_semantic_attention, patch_coverage
 from vitsem.audit.tokens import predict_without
-from vitsem.audit.verdicts import verdict_of
-from vitsem.errors import AuditInputError, ConfigError, RepairInputError
+from vitsem.audit.verdicts import ReviewDecision, carry_review, verdict_of
+from vitsem.errors import AuditInputError, ConfigError
 from vitsem.method.attention import token_layout
 from vitsem.method.concentration import (
     SemanticConfig,
@@ -57,7 +57,7 @@ from vitsem.method.training import in_batches
 from vitsem.method.view import ModelView
 
 __all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
-           "PromptOutcome", "audit", "check_audit_data"]
+           "PromptOutcome", "audit", "check_audit_data", "repair_audit"]
 
 DEFAULT_MAPS = tuple(m for m in MAPS if m != "occlusion")
 """Every map but leave-one-out occlusion, which costs N forwards per image; ask for it."""
@@ -165,11 +165,15 @@ def _keypoint_arrays(keypoints: Sequence[Keypoints], grid: TokenGrid
     return desc, patches
 
 def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig = AuditConfig(),
-          *, heldout: AuditData | None = None) -> AuditResult:
+          *, heldout: AuditData | None = None, family: str = "",
+          reviews: Sequence[ReviewDecision] = ()) -> AuditResult:
     """Run the audit of ``model`` on ``data`` with every map in ``cfg.maps``. With
     ``heldout`` labelled images (not used in training), the method's relied-on findings are
     turned into pseudo-groups for a last-layer repair, evaluated on ``data``; ``heldout``'s
-    own ``groups``, when given, serve as the oracle."""
+    own ``groups``, when given, serve as the oracle. ``reviews``: decisions recorded for the
+    model ``family``; a finding of the same pattern carries its decision (a pattern reviewed
+    as legitimate is neither prompted away nor repaired against) and is flagged only when
+    new or regressed."""
     cfg.validate()
     model.eval()
     num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -213,6 +217,7 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     for name in cfg.maps:
         m = _audit_map(name, model, x, w_tensor, base, desc, kp_patches, coverage, weights,
                        data.class_names, predict, cfg)
+        m.findings = [_carried(f, family, reviews) for f in m.findings]
         result.maps[name] = m
         result.prompts[f"drop:{name}"] = outcome(np.any(
             [f.patches for f in m.relied] or [none], axis=0))
@@ -228,36 +233,55 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     if not any(m.relied for m in result.maps.values()):
         result.notes.append("no candidate was confirmed by the causal check")
     if heldout is not None:
-        _repair(model, view, grid, data, labels, groups, ref, heldout, result, cfg)
+        repair_audit(model, view, data, result, heldout, cfg)
     return result
 
 
-def _repair(model: nn.Module, view: ModelView, grid: TokenGrid, data: AuditData,
-            labels: np.ndarray, groups: list[str], ref: MapAudit, heldout: AuditData,
-            result: AuditResult, cfg: AuditConfig) -> None:
-    """The last-layer repair from ``ref``'s relied-on findings; bad held-out data leaves the
-    audit as it is, with the reason in the notes."""
-    if not ref.relied:
-        result.notes.append(f"repair skipped: the {ref.map} map confirmed no pattern to "
-                            "build pseudo-groups from")
+def _carried(f: Finding, family: str, reviews: Sequence[ReviewDecision]) -> Finding:
+    c = carry_review(family, f.class_name, f.centroids, f.radii, f.verdict,
+                     f.causal.effect - f.causal.random_effect, reviews)
+    return replace(f, verdict=c.verdict, review=c.decision, flag=c.flag)
+
+
+def repair_audit(model: nn.Module, view: ModelView, data: AuditData, result: AuditResult,
+                 heldout: AuditData, cfg: AuditConfig = AuditConfig()) -> None:
+    """Repair ``model``'s last layer from the relied-on findings of ``result`` (the method's
+    map, else the first), evaluate it on the audited ``data`` and re-audit the
+    annotation-free repair. Held-out data or a model the repair cannot use leave the audit as
+    it is, with the reason in the notes."""
+    ref = result.maps.get(METHOD) or next(iter(result.maps.values()), None)
+    if ref is None or not ref.relied:
+        name = ref.map if ref is not None else METHOD
+        result.notes.append(f"repair skipped: the {name} map confirmed no pattern to build "
+                            "pseudo-groups from")
         return
-    check_audit_data(heldout, len(data.class_names))
-    h_desc, h_patches = _keypoint_arrays(heldout.keypoints, grid)
-    present = np.zeros(len(heldout), bool)
-    for f in ref.relied:
-        present |= match_patches(f.centroids, f.radii, h_desc, h_patches, grid.num_patches
-                                 ).any(1)
+    grid = result.grid
     try:
+        check_audit_data(heldout, len(data.class_names))
+        h_desc, h_patches = _keypoint_arrays(heldout.keypoints, grid)
+        present = np.zeros(len(heldout), bool)
+        for f in ref.relied:
+            present |= match_patches(f.centroids, f.radii, h_desc, h_patches,
+                                     grid.num_patches).any(1)
         rep = repair_last_layer(
             model, view.to_tensor(heldout.views), np.asarray(heldout.labels), present,
-            view.to_tensor(data.views), labels, groups, data.class_names,
+            view.to_tensor(data.views), result.labels, result.groups, data.class_names,
             held_true_groups=heldout.groups, min_images=cfg.repair_min_images,
             min_per_group=cfg.repair_min_per_group, seed=cfg.seed)
-    except RepairInputError as e:
+    except AuditInputError as e:  # RepairInputError included
         result.notes.append(f"repair skipped: {e}")
         return
     result.repairs = rep.outcomes
     result.repaired_models = rep.models
+    # Re-audit the annotation-free repair with the reference map: does it still rely on
+    # what the unrepaired model relied on?
+    again = audit(rep.models["dfr:pseudo"], view, data,
+                  replace(cfg, maps=(ref.map,), faithfulness_images=0))
+    result.reaudit = {"method": "dfr:pseudo", "map": ref.map,
+                      "prompts": {"none": asdict(again.prompts["none"])},
+                      "findings": [{k: v for k, v in f.summary().items() if k != "pattern"}
+                                   for f in again.maps[ref.map].findings] if ref.map in
+                      again.maps else [], "notes": again.notes}
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,7 +13,13 @@ import numpy as np
 from vitsem.audit.causal import CausalResult
 from vitsem.audit.faithfulness import Faithfulness
 from vitsem.audit.repair import RepairOutcome
-from vitsem.audit.verdicts import BLIND_SPOTS, VERDICTS, Verdict, pattern_signature
+from vitsem.audit.verdicts import (
+    BLIND_SPOTS,
+    VERDICTS,
+    ReviewDecision,
+    Verdict,
+    pattern_signature,
+)
 from vitsem.method.concentration import TokenGrid
 from vitsem.method.keypoints import Keypoints
 
@@ -48,7 +54,10 @@ class Finding:
     :data:`vitsem.audit.verdicts.VERDICTS` (``shortcut`` only with masks);
     ``confidence``: 1 - p of the causal test (0 when untested); ``seed_patches`` (B, N): the
     keypoint patches it was discovered on, ``patches`` (B, N): after growth
-    (``growth_levels`` steps); ``centroids`` (K, 128) and ``radii`` (K,): its descriptors."""
+    (``growth_levels`` steps); ``centroids`` (K, 128) and ``radii`` (K,): its descriptors;
+    ``review``: the recorded decision on the same pattern, when one was carried, and ``flag``:
+    ``new`` (relied on, never reviewed), ``regressed`` (reviewed, but relied on more than
+    when decided) or ``""``."""
 
     rank: int
     cls: int
@@ -65,15 +74,18 @@ class Finding:
     centroids: np.ndarray = field(repr=False, compare=False)
     radii: np.ndarray = field(repr=False, compare=False)
     growth_levels: int = 0
+    review: ReviewDecision | None = field(default=None, compare=False)
+    flag: str = ""
 
     @property
     def shortcut(self) -> bool:
-        return self.verdict is Verdict.SHORTCUT
+        return self.verdict in (Verdict.SHORTCUT, Verdict.REVIEWED_SHORTCUT)
 
     @property
     def relied_on(self) -> bool:
-        """Confirmed and not known to be on the object: a shortcut, or one to review."""
-        return self.verdict in (Verdict.SHORTCUT, Verdict.REVIEW)
+        """Confirmed and not known to be legitimate: a shortcut (found or reviewed), or one
+        to review."""
+        return self.verdict in (Verdict.SHORTCUT, Verdict.REVIEW, Verdict.REVIEWED_SHORTCUT)
 
     @property
     def signature(self) -> str:
@@ -99,7 +111,14 @@ class Finding:
                 "verdict": self.verdict.value, "verdict_label": VERDICTS[self.verdict].label,
                 "patches_per_image": self._per_image(self.patches),
                 "seed_patches_per_image": self._per_image(self.seed_patches),
-                "growth_levels": self.growth_levels, "signature": self.signature}
+                "growth_levels": self.growth_levels, "signature": self.signature,
+                "flag": self.flag, "review": None if self.review is None else {
+                    k: v for k, v in self.review.to_dict().items()
+                    if k not in ("centroids", "radii")},
+                # What identifies the pattern again, for a review decision (confirmed only).
+                "pattern": None if not self.causal.confirmed else {
+                    "centroids": np.round(np.asarray(self.centroids, np.float64), 3).tolist(),
+                    "radii": np.round(np.asarray(self.radii, np.float64), 3).tolist()}}
 
 
 @dataclass(frozen=True)
@@ -148,7 +167,8 @@ class AuditResult:
     (the model as is), ``drop:<map>`` (the map's relied-on findings removed), ``random``
     (as many random patches removed as ``drop:semantic``), ``keep_top_k`` (only the most
     semantic patches kept). ``faithfulness``: per map; ``repairs``: per repair method (empty
-    without held-out data). ``status`` is ``ok`` or ``nothing_to_report`` with ``notes``."""
+    without held-out data), ``reaudit``: the repaired model audited again. ``status`` is
+    ``ok`` or ``nothing_to_report`` with ``notes``."""
 
     class_names: list[str]
     grid: TokenGrid
@@ -164,6 +184,8 @@ class AuditResult:
     repairs: dict[str, RepairOutcome] = field(default_factory=dict)
     masks_given: bool = False
     repaired_models: dict[str, Any] = field(default_factory=dict, repr=False)
+    reaudit: dict[str, Any] = field(default_factory=dict)
+    """The annotation-free repair's model audited again (its findings and accuracy)."""
 
     @property
     def num_images(self) -> int:
@@ -214,6 +236,7 @@ class AuditResult:
             "prompts": {k: asdict(v) for k, v in self.prompts.items()},
             "faithfulness": {k: v.summary() for k, v in self.faithfulness.items()},
             "repairs": {k: v.summary() for k, v in self.repairs.items()},
+            "reaudit": self.reaudit,
             "masks_given": self.masks_given,
             "verdicts": {v.value: {"label": i.label, "meaning": i.meaning}
                          for v, i in VERDICTS.items()},

@@ -58,14 +58,17 @@ def print_profile(rows: Sequence[Mapping[str, float]]) -> None:
 def print_audit(result: Mapping[str, Any]) -> None:
     """The audit's candidates and prompting outcomes as two tables."""
     table = Table(title="Candidate shortcuts (semantic map)")
-    for col in ("rank", "class", "recurrence", "others", "effect", "random", "p", "verdict"):
-        table.add_column(col, justify="right" if col not in ("class", "verdict") else "left")
+    for col in ("rank", "class", "recurrence", "others", "effect", "random", "p", "verdict",
+                "flag"):
+        table.add_column(col, justify="right" if col not in ("class", "verdict", "flag")
+                         else "left")
     for f in result["findings"].get("semantic", []):
         style = _VERDICT_STYLE[Verdict(f["verdict"])]
         table.add_row(str(f["rank"]), escape(f["class_name"]), f"{f['recurrence']:.2f}",
                       f"{f['other_rate']:.2f}", f"{f['effect']:.3f}",
                       f"{f['random_effect']:.3f}", f"{f['p_value']:.2g}",
-                      f"[{style}]{escape(f['verdict_label'])}[/]")
+                      f"[{style}]{escape(f['verdict_label'])}[/]",
+                      escape(f.get("flag") or ""))
     console.print(table)
     prompts = Table(title="Prompting (tokens removed at inference)")
     for col in ("prompt", "accuracy", "worst group", "worst-group acc", "shortcut-free acc"):
@@ -75,6 +78,17 @@ def print_audit(result: Mapping[str, Any]) -> None:
         prompts.add_row(escape(name), f"{o['accuracy']:.3f}", escape(o["worst_group"]),
                         f"{o['worst_group_accuracy']:.3f}", clean)
     console.print(prompts)
+    if result.get("repairs"):
+        repairs = Table(title="Repair (last layer retrained, group-balanced)")
+        for col in ("method", "accuracy", "worst group", "worst-group acc", "gap closed"):
+            repairs.add_column(col, justify="left" if col in ("method", "worst group")
+                               else "right")
+        for name, o in result["repairs"].items():
+            gap = o["gap_closed"]
+            repairs.add_row(escape(name), f"{o['accuracy']:.3f}", escape(o["worst_group"]),
+                            f"{o['worst_group_accuracy']:.3f}",
+                            "n/a" if gap is None or gap != gap else f"{gap:.2f}")
+        console.print(repairs)
     for note in result["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
 

@@ -46,6 +46,11 @@ def audit(
     split: SplitOpt = "test",
     top_fraction: Annotated[float, typer.Option(help="Share of patches counted as most "
                                                      "attended, in (0, 1].")] = 0.1,
+    repair_holdout: Annotated[float, typer.Option(help=(
+        "Share of each group's images held out to repair the last layer from the findings "
+        "(registered in MLflow as a new model version); 0: no repair."))] = 0.0,
+    family: Annotated[str | None, typer.Option(help=(
+        "Model family whose review decisions carry (default: the model's name)."))] = None,
 ) -> None:
     """Spurious-correlation audit: candidate shortcuts, causal check, prompting.
 
@@ -61,7 +66,8 @@ def audit(
     from vitsem.render.files import write_rejected
 
     params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
-                         top_fraction=top_fraction)
+                         top_fraction=top_fraction, repair_holdout=repair_holdout,
+                         family=family)
     result = spurious_audit(params)
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)

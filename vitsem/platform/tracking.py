@@ -232,3 +232,40 @@ def log_epoch(settings: Settings, run_id: str | None, params: dict[str, Any],
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in record.items()
                                       if k != "epoch" and v == v])
     return run_id
+
+
+def log_audit_scores(settings: Settings, run_id: str, summary: dict[str, Any]) -> None:
+    """Add an audit's faithfulness (ABPC per map) and repairs (accuracy, worst-group accuracy
+    and gap closed per method) to its run."""
+    from mlflow.entities import Metric
+
+    client = _client(settings)
+    ts = int(time.time() * 1000)
+    metrics = [Metric(_metric_name("faithfulness", m, "abpc"), float(f["abpc"]), ts, 0)
+               for m, f in summary.get("faithfulness", {}).items() if f["abpc"] == f["abpc"]]
+    for method, o in summary.get("repairs", {}).items():
+        for key in ("accuracy", "worst_group_accuracy", "gap_closed"):
+            v = o.get(key)
+            if v is not None and v == v:
+                metrics.append(Metric(_metric_name("repair", method, key), float(v), ts, 0))
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+
+
+def register_repair(settings: Settings, run_id: str, checkpoint: Path, family: str,
+                    audit_digest: str, metrics: dict[str, float]) -> str:
+    """Register a repaired checkpoint as a new version of model ``family`` (alias
+    ``repaired``), logged to the audit's run and tagged with the audit; the version of an
+    audit already registered is returned, not registered again. Returns the version."""
+    client = _client(settings)
+    quoted = family.replace("'", "\\'")
+    for v in client.search_model_versions(f"name = '{quoted}'"):
+        if v.tags.get("vitsem.audit_digest") == audit_digest:
+            return str(v.version)
+    _run, version = register_checkpoint(settings, checkpoint, family, "repaired", {}, {},
+                                        run_id=run_id)
+    client.set_model_version_tag(family, version, "vitsem.audit_digest", audit_digest)
+    client.set_model_version_tag(family, version, "vitsem.repair", "dfr:pseudo")
+    for k, val in metrics.items():
+        client.set_model_version_tag(family, version, f"vitsem.{k}", f"{val:.4f}")
+    return version

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from vitsem.audit.pipeline import METHOD, AuditData, AuditResult, Finding
-from vitsem.audit.verdicts import BLIND_SPOTS, VERDICTS
+from vitsem.audit.verdicts import BLIND_SPOTS, VERDICTS, Verdict
 from vitsem.method.concentration import TokenGrid
 
 # File and class names are drawn as text: "$...$" in a name must not parse as math.
@@ -170,7 +170,7 @@ def prompt_rows(result: AuditResult) -> list[dict[str, Any]]:
 def finding_rows(result: AuditResult) -> list[dict[str, Any]]:
     keys = ("rank", "class_name", "recurrence", "other_rate", "attention_lift", "on_object",
             "effect", "random_effect", "p_value", "confidence", "seed_patches_per_image",
-            "patches_per_image", "verdict_label")
+            "patches_per_image", "verdict_label", "flag")
     return [{"map": name, **{k: f.summary()[k] for k in keys}}
             for name, m in result.maps.items() for f in m.findings]
 
@@ -189,7 +189,9 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
     files += [out / "audit.json", out / "images.jsonl"]
     sections: list[str] = []
     method = result.maps.get(METHOD)
-    shown = (method.relied or method.findings)[:max_findings] if method else []
+    # Relied-on and reviewed findings (a reviewed one stays visible with its decision).
+    shown = ([f for f in method.findings if f.relied_on or f.review is not None]
+             or method.findings)[:max_findings] if method else []
     for f in shown:
         png = out / f"finding_{METHOD}_{f.rank}.png"
         fig = finding_figure(result, data, METHOD, f)
@@ -211,7 +213,8 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
             f"{c.images} images). It was found on {f._per_image(f.seed_patches):.1f} keypoint "
             f"patches per image and grown to {f._per_image(f.patches):.1f} "
             f"({f.growth_levels} growth steps) to cover what the model uses. Object coverage "
-            f"of its patches: {_fmt(f.on_object)}. <em>{html.escape(info.meaning)}</em>.</p>"
+            f"of its patches: {_fmt(f.on_object)}. <em>{html.escape(info.meaning)}</em>."
+            f"{_review_text(f)}</p>"
             f"<img src='{png.name}' alt='finding {f.rank}'>")
     png = out / "prompting.png"
     fig = prompting_figure(result)
@@ -240,7 +243,7 @@ def write_report(result: AuditResult, data: AuditData, out: Path, meta: dict[str
                   "annotation), <code>dfr:oracle</code> on the true groups, "
                   "<code>dfr:class</code> class-balanced without groups; gap closed = share "
                   "of the unrepaired -> oracle worst-group gap.</p><img src='repairs.png' "
-                  f"alt='repairs'>{_table(repair_rows(result))}")
+                  f"alt='repairs'>{_table(repair_rows(result))}{_reaudit_text(result)}")
     blind = "".join(f"<li>{html.escape(b)}</li>" for b in BLIND_SPOTS)
     extra += f"<h2>What this method cannot see</h2><ul>{blind}</ul>"
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
@@ -263,6 +266,36 @@ collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-
     (out / "report.html").write_text(page)
     files.append(out / "report.html")
     return files
+
+
+def _review_text(f: Finding) -> str:
+    """The carried review decision and the flag of a finding, as a sentence."""
+    parts = []
+    if f.review is not None:
+        r = f.review
+        parts.append(f" Reviewed as <b>{html.escape(r.decision.value)}</b> by "
+                     f"{html.escape(r.reviewer)} ({html.escape(r.decided_at[:10])}"
+                     f"{': ' + html.escape(r.note) if r.note else ''}).")
+    if f.flag == "new":
+        parts.append(" <b>Flagged: new</b> (never reviewed).")
+    elif f.flag == "regressed":
+        parts.append(" <b>Flagged: regressed</b> (relied on more than when reviewed).")
+    return "".join(parts)
+
+
+def _reaudit_text(result: AuditResult) -> str:
+    """The repaired model audited again: its accuracy and what it still relies on."""
+    r = result.reaudit
+    if not r:
+        return ""
+    none = r["prompts"]["none"]
+    relied = [f for f in r["findings"] if VERDICTS[Verdict(f["verdict"])].relied_on]
+    found = "; ".join(f"class {f['class_name']}: removal -{f['effect']:.3f} vs random "
+                      f"-{f['random_effect']:.3f}" for f in relied) or "no confirmed pattern"
+    return (f"<p>Re-audit of <code>{html.escape(r['method'])}</code> ({html.escape(r['map'])}"
+            f" map): accuracy {none['accuracy']:.3f}, worst-group accuracy "
+            f"{none['worst_group_accuracy']:.3f} ({html.escape(none['worst_group'])}); "
+            f"relied on: {html.escape(found)}.</p>")
 
 
 def _group_rows(result: AuditResult) -> list[dict[str, Any]]:

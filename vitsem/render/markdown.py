@@ -78,11 +78,12 @@ def findings_markdown(summary: Mapping[str, Any], report_uri: str, links: Sequen
     if found:
         lines += md_table(
             ["rank", "class", "recurrence", "other classes", "removal effect", "random", "p",
-             "verdict"],
+             "verdict", "flag"],
             [(raw(str(f["rank"])), f["class_name"], raw(f"{f['recurrence']:.2f}"),
               raw(f"{f['other_rate']:.2f}"), raw(f"{f['effect']:.3f}"),
               raw(f"{f['random_effect']:.3f}"), raw(f"{f['p_value']:.2g}"),
-              raw(f"**{md_text(f['verdict_label'])}**") if relied_on(f) else f["verdict_label"])
+              raw(f"**{md_text(f['verdict_label'])}**") if relied_on(f) else f["verdict_label"],
+              f.get("flag") or "")
              for f in found])
     else:
         lines.append("No candidate found.")
@@ -90,9 +91,19 @@ def findings_markdown(summary: Mapping[str, Any], report_uri: str, links: Sequen
     lines += md_table(["prompt", "accuracy", "worst group", "worst-group accuracy"], [
         (k, raw(f"{v['accuracy']:.3f}"), v["worst_group"], raw(f"{v['worst_group_accuracy']:.3f}"))
         for k, v in summary["prompts"].items()])
+    if summary.get("repairs"):
+        lines += ["", "## Repair (last layer, group-balanced)", ""]
+        lines += md_table(["method", "accuracy", "worst-group accuracy", "gap closed"], [
+            (k, raw(f"{v['accuracy']:.3f}"), raw(f"{v['worst_group_accuracy']:.3f}"),
+             raw(_share(v.get("gap_closed")))) for k, v in summary["repairs"].items()])
     lines += [""] + [f"- {md_text(n, 400)}" for n in summary["notes"]]
+    lines += [f"- cannot see: {md_text(b, 400)}" for b in summary.get("cannot_see", [])]
     lines += [f"- report: {md_code(report_uri)}"] + [f"- {line}" for line in links]
     return "\n".join(lines)
+
+
+def _share(v: Any) -> str:
+    return "n/a" if v is None or v != v else f"{v:.2f}"
 
 
 def model_audit_markdown(params: Mapping[str, Any], sift: Mapping[str, Any],
@@ -100,8 +111,9 @@ def model_audit_markdown(params: Mapping[str, Any], sift: Mapping[str, Any],
     """The model audit in a few lines: what ran on what, and what each step found."""
     lift = [round(r["semantic_lift"], 3) for r in analysis["layer_profile"]]
     if audit is not None:
-        audit_line = (f"- shortcut audit: {audit['shortcuts']} confirmed shortcut(s), status "
-                      f"{md_text(audit['status'])}; report {md_code(audit['report_uri'])}")
+        audit_line = (f"- shortcut audit: {audit['shortcuts']} confirmed shortcut(s), "
+                      f"{audit.get('flagged', 0)} flagged (new or regressed since review), "
+                      f"status {md_text(audit['status'])}; report {md_code(audit['report_uri'])}")
     else:
         audit_line = ("- shortcut audit: skipped, the data carry no labels (use a benchmark "
                       "folder or one sub-folder per class)")

@@ -152,6 +152,32 @@ class AuditFinding(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+class ReviewDecisionRow(Base):
+    """A person's decision (``shortcut`` / ``legitimate``) on a confirmed pattern of a model
+    family: what identifies the pattern again in later audits (class, signature, descriptor
+    centroids and radii, see :func:`vitsem.audit.verdicts.same_pattern`), its excess removal
+    effect when decided, who decided and why. One row per pattern: a new decision on the
+    same pattern replaces the old one."""
+
+    __tablename__ = "review_decisions"
+    __table_args__ = (UniqueConstraint("family", "class_name", "signature",
+                                       name="uq_review_decision"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    family: Mapped[str] = mapped_column(String(256), index=True)
+    class_name: Mapped[str] = mapped_column(String(256))
+    signature: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))
+    centroids: Mapped[list[Any]] = mapped_column(JSON)
+    radii: Mapped[list[Any]] = mapped_column(JSON)
+    excess_effect: Mapped[float | None] = mapped_column(Float)
+    reviewer: Mapped[str] = mapped_column(String(256))
+    note: Mapped[str] = mapped_column(Text)
+    finding_id: Mapped[int | None] = mapped_column(Integer)
+    """The ``audit_findings`` row it was decided on, and that row's audit."""
+    audit_digest: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 def upsert(session: Session, model: type[Base], rows: Sequence[dict[str, Any]],
            keys: Sequence[str], update: Sequence[str] = ()) -> None:
     """Atomic INSERT ... ON CONFLICT (``keys``) DO NOTHING, or DO UPDATE of the ``update``
