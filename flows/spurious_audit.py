@@ -13,18 +13,22 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    content_of,
+    lineage,
     make_task_runner,
     publish,
     register_inputs,
     rejected_files,
     totals,
     tracked,
+    with_registered_weights,
 )
 from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.platform import tracking
+from vitsem.platform.lineage import Lineage
 from vitsem.platform.services import audit
 from vitsem.platform.services.audit import AuditReport
 from vitsem.platform.settings import Settings
@@ -55,8 +59,10 @@ def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
 
 
 @task(**RETRYING_TASK)
-def track_audit(settings: Settings, params: AuditParams, report: AuditReport) -> str:
-    return tracking.log_audit(settings, params.model_dump(), report.summary, report.files)
+def track_audit(settings: Settings, params: AuditParams, report: AuditReport,
+                run_lineage: Lineage) -> str:
+    return tracking.log_audit(settings, params.model_dump(), report.summary, report.files,
+                              lineage=run_lineage)
 
 
 @flow(name="spurious_audit", task_runner=make_task_runner(), **RUN_HOOKS)
@@ -65,11 +71,14 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
     measure what removing them at inference does to accuracy and worst-group accuracy."""
     settings = Settings()
     with tracked(settings, "spurious_audit", params) as run:
+        params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
         report = run_audit(settings, dataset_id, images, params)
-        run.mlflow_run_id = track_audit(settings, params, report)
+        run.mlflow_run_id = track_audit(settings, params, report, lineage(
+            settings, "audit", params, inputs, content_of(reports), registered,
+            cached=report.cached))
         s = report.summary
         run.summary = totals(reports, inputs) | {
             "images": s["images"], "status": s["status"], "audit_digest": report.digest,
