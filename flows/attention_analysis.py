@@ -13,6 +13,7 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    artifact_key,
     content_of,
     input_report,
     lineage,
@@ -99,18 +100,20 @@ def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
         params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)
         reports, result, files = run_analysis(settings, dataset_id, inputs, params)
-        run.mlflow_run_id = track_analysis(settings, params, result, files, lineage(
-            settings, "analysis", params, inputs, content_of(reports), registered,
-            cached=not any(r.computed for r in reports)))
+        run_lineage = lineage(settings, "analysis", params, inputs, content_of(reports),
+                              registered, cached=not any(r.computed for r in reports))
+        run.mlflow_run_id = track_analysis(settings, params, result, files, run_lineage)
+        model = run_lineage.model_label
         run.summary = totals(reports, inputs) | {"images": result.num_images,
                                          "mlflow_run_id": run.mlflow_run_id}
         table = profile_table(result)
-        create_table_artifact(key="semantic-layer-profile", table=table,
+        create_table_artifact(key=artifact_key("semantic-layer-profile", model), table=table,
                               description="Semantic lift and CLS focus per layer (1 = uniform)")
         url = tracking.run_url(settings, run.mlflow_run_id)
         if url:
-            create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
-        publish("attention-analysis-summary", summary_markdown(
+            create_link_artifact(key=artifact_key("mlflow-run", model), link=url,
+                                 link_text="MLflow run")
+        publish(artifact_key("attention-analysis-summary", model), summary_markdown(
             "Attention analysis", run.summary, rejected_files(reports, inputs),
             profile_markdown(table) + f"\n\nMLflow run: {url or run.mlflow_run_id}"))
     return run.summary | {"layer_profile": table}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -19,6 +20,7 @@ from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import VitsemError
 from vitsem.paths import path_text
 from vitsem.platform import tracking
+from vitsem.platform.history import AuditEvent
 from vitsem.platform.lineage import Lineage, RegistryVersion, dataset_digest
 from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
@@ -150,9 +152,34 @@ def rejected_files(reports: Sequence[ShardReport], inputs: InputSet | None = Non
     return first + [r for rep in reports for r in rep.rejected]
 
 
+def artifact_key(kind: str, model_label: str | None = None) -> str:
+    """``<kind>-<model>``: Prefect artifact keys per model, so the latest artifact of one
+    model is not replaced by another deployment's run (keys allow a-z, 0-9 and dashes)."""
+    if not model_label:
+        return kind
+    slug = re.sub(r"[^a-z0-9]+", "-", model_label.lower()).strip("-")
+    return f"{kind}-{slug}"[:120].rstrip("-")
+
+
 def publish(key: str, markdown: str, description: str | None = None) -> None:
     """A markdown artifact on the current flow run."""
     create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def announce(run_lineage: Lineage, events: Sequence[AuditEvent]) -> None:
+    """Emit the audit's events with the model as their resource, for automations (see
+    ``prefect.yaml``: promotions are held when one arrives)."""
+    from prefect.events import emit_event
+
+    name = run_lineage.registry.name if run_lineage.registry else run_lineage.model_label
+    resource = {"prefect.resource.id": f"vitsem.model.{name}", "prefect.resource.name": name,
+                "vitsem.model.checksum": run_lineage.model_checksum}
+    if run_lineage.registry is not None:
+        resource["vitsem.model.version"] = run_lineage.registry.version
+    for event in events:
+        get_run_logger().warning("%s on %s: %s", event.name, run_lineage.model_label,
+                                 event.payload)
+        emit_event(event=event.name, resource=resource, payload=event.payload)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from flows.common import (
     RUN_HOOKS,
     DataParams,
     ParentRun,
+    artifact_key,
     lineage,
     make_task_runner,
     parent_run,
@@ -52,9 +53,10 @@ def model_audit(params: ModelAuditParams) -> dict[str, Any]:
         params, registered = with_registered_weights(settings, params)
         sift = sift_extraction(params.step(DataParams))
         inputs = resolve_inputs(params.data, params.split)
-        parent = ParentRun(tracking.start_parent_run(settings, "model_audit", lineage(
-            settings, "model audit", params, inputs, (sift["dataset_digest"], sift["images"]),
-            registered), params.model_dump()), registered)
+        run_lineage = lineage(settings, "model audit", params, inputs,
+                              (sift["dataset_digest"], sift["images"]), registered)
+        parent = ParentRun(tracking.start_parent_run(settings, "model_audit", run_lineage,
+                                                     params.model_dump()), registered)
         run.mlflow_run_id = parent.run_id
         try:
             with parent_run(parent):
@@ -70,6 +72,6 @@ def model_audit(params: ModelAuditParams) -> dict[str, Any]:
                        "shortcuts": audit["shortcuts"] if audit else None,
                        "audit_digest": audit["audit_digest"] if audit else None,
                        "mlflow_run_id": parent.run_id}
-        publish("model-audit-summary", model_audit_markdown(params.model_dump(), sift,
-                                                            analysis, audit))
+        publish(artifact_key("model-audit-summary", run_lineage.model_label),
+                model_audit_markdown(params.model_dump(), sift, analysis, audit))
     return {"sift_extraction": sift, "attention_analysis": analysis, "spurious_audit": audit}

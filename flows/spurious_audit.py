@@ -13,6 +13,8 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    announce,
+    artifact_key,
     content_of,
     lineage,
     make_task_runner,
@@ -43,6 +45,9 @@ class AuditParams(DataParams):
     min_effect: float = Field(default=0.05, ge=0, le=1,
                               description="Probability drop beyond random that confirms.")
     batch_size: int = Field(default=64, ge=1)
+    max_worst_group_drop: float = Field(
+        default=0.05, ge=0, le=1, description="Worst-group accuracy fall since the previous "
+        "audit of the model that emits a vitsem.audit.worst-group-dropped event.")
 
     def config(self) -> AuditConfig:
         return AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
@@ -76,19 +81,24 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
         report = run_audit(settings, dataset_id, images, params)
-        run.mlflow_run_id = track_audit(settings, params, report, lineage(
-            settings, "audit", params, inputs, content_of(reports), registered,
-            cached=report.cached))
+        run_lineage = lineage(settings, "audit", params, inputs, content_of(reports),
+                              registered, cached=report.cached)
+        run.mlflow_run_id = track_audit(settings, params, report, run_lineage)
+        events = tracking.audit_changes(settings, run.mlflow_run_id, run_lineage,
+                                        params.max_worst_group_drop)
+        announce(run_lineage, events)
         s = report.summary
         run.summary = totals(reports, inputs) | {
             "images": s["images"], "status": s["status"], "audit_digest": report.digest,
             "cached_audit": report.cached,
             "shortcuts": sum(f["shortcut"] for f in s["findings"].get("semantic", [])),
-            "mlflow_run_id": run.mlflow_run_id, "report_uri": report.report_uri}
+            "mlflow_run_id": run.mlflow_run_id, "report_uri": report.report_uri,
+            "events": [e.name for e in events]}
         url = tracking.run_url(settings, run.mlflow_run_id)
         if url:
-            create_link_artifact(key="mlflow-audit-run", link=url, link_text="MLflow run")
-        publish("spurious-audit-summary", summary_markdown(
+            create_link_artifact(key=artifact_key("mlflow-audit-run", run_lineage.model_label),
+                                 link=url, link_text="MLflow run")
+        publish(artifact_key("spurious-audit-summary", run_lineage.model_label), summary_markdown(
             "Spurious-correlation audit", run.summary,
             rejected_files(reports, inputs),
             findings_markdown(s, report.report_uri, [f"MLflow run: {url or run.mlflow_run_id}"])))

@@ -173,6 +173,14 @@ def test_model_audit_of_a_registered_version_is_named_tagged_nested_and_compared
     # clean one with a worst-group accuracy as good as the champion's is promoted.
     champion_wga = audit_run.data.metrics["summary.worst_group_accuracy"]
     for unreviewed, promoted in ((1.0, False), (0.0, True)):
+        if promoted:  # a hold (what the audit-event automation sets) refuses even a clean one
+            assert CliRunner().invoke(app, ["model", "hold", "tiny", "--reason", "event"]
+                                      ).exit_code == 0
+            _, v = register_checkpoint(Settings(), small_checkpoint, "tiny", "challenger", {}, {})
+            _log_audit_run(client, "tiny", v, 0.0, champion_wga)
+            out = CliRunner().invoke(app, ["model", "promote", "tiny"])
+            assert out.exit_code == 1 and "on hold" in out.output, out.output
+            assert CliRunner().invoke(app, ["model", "hold", "tiny", "--release"]).exit_code == 0
         _, v = register_checkpoint(Settings(), small_checkpoint, "tiny", "challenger", {}, {})
         _log_audit_run(client, "tiny", v, unreviewed, champion_wga)
         out = CliRunner().invoke(app, ["model", "promote", "tiny"])
@@ -192,3 +200,66 @@ def test_unknown_alias_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("VITSEM_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(RegistryError, match="no alias 'nope' of model 'tiny'"):
         resolve_model(Settings(), "models:/tiny@nope")
+
+
+def test_audit_events_name_new_patterns_and_a_worst_group_fall() -> None:
+    from vitsem.platform.history import audit_events
+
+    first = audit_events(_record("1", wga=0.8, patterns=("p1",)), None)
+    assert [(e.name, e.payload["patterns"]) for e in first] == [
+        ("vitsem.audit.pattern-appeared", ["p1"])]
+    same = audit_events(_record("2", wga=0.78, patterns=("p1",)),
+                        _record("1", wga=0.8, patterns=("p1",)), max_worst_group_drop=0.05)
+    assert same == []
+    worse = audit_events(_record("2", wga=0.6, patterns=("p1", "p2")),
+                         _record("1", wga=0.8, patterns=("p1",)), max_worst_group_drop=0.05)
+    assert [e.name for e in worse] == ["vitsem.audit.pattern-appeared",
+                                      "vitsem.audit.worst-group-dropped"]
+    assert worse[0].payload["patterns"] == ["p2"]
+    assert worse[1].payload["drop"] == pytest.approx(0.2)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_an_audit_event_reaches_the_prefect_api_with_the_model_as_resource() -> None:
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from flows.common import announce
+    from vitsem.platform.history import audit_events
+
+    events = audit_events(_record("2", wga=0.5, patterns=("p9",)), _record("1", wga=0.9))
+
+    @flow
+    def audit_like() -> None:
+        announce(_lineage(registry=RegistryVersion("evented", "2")), events)
+
+    audit_like()
+    wanted = EventFilter(resource=EventResourceFilter(id=["vitsem.model.evented"]),
+                         event=EventNameFilter(prefix=["vitsem.audit."]))
+    found: list[Any] = []
+    with get_client(sync_client=True) as client:
+        for _ in range(60):  # the server persists events asynchronously
+            found = list(client.read_events(filter=wanted, limit=10).events)
+            if len(found) == 2:
+                break
+            time.sleep(0.5)
+    assert sorted(e.event for e in found) == ["vitsem.audit.pattern-appeared",
+                                              "vitsem.audit.worst-group-dropped"]
+    assert all(e.resource["vitsem.model.version"] == "2" for e in found)
+
+
+def test_prefect_yaml_holds_promotion_on_audit_events() -> None:
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    hold = [d for d in spec["deployments"] if d["entrypoint"].endswith(":hold_promotion")]
+    assert len(hold) == 1
+    trigger = DeploymentEventTrigger.model_validate(hold[0]["triggers"][0])
+    assert trigger.expect == {"vitsem.audit.pattern-appeared",
+                              "vitsem.audit.worst-group-dropped"}
+    assert trigger.match.model_dump()["prefect.resource.id"] == "vitsem.model.*"
+    assert set(trigger.parameters or {}) == {"model", "reason"}

@@ -14,7 +14,7 @@ from rich.table import Table
 from vitsem.cli.app import app, command
 from vitsem.cli.console import console
 
-model_app = typer.Typer(help="Registered models: register, promote.", no_args_is_help=True)
+model_app = typer.Typer(help="Registered models: register, promote, hold.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
@@ -79,6 +79,23 @@ def promote(
         console.print(f"  - {escape(reason)}")
     if not decision.promote:
         raise typer.Exit(code=1)
+
+
+@command(model_app, "hold")
+def hold(
+    name: NameArg,
+    reason: Annotated[str | None, typer.Option(help="Why promotions are held.")] = None,
+    release: Annotated[bool, typer.Option(help="Release the hold.")] = False,
+) -> None:
+    """Hold promotions of NAME (what the audit-event automation does), or release the hold."""
+    from vitsem.errors import ConfigError
+    from vitsem.platform.history import set_hold
+
+    if release == (reason is not None):
+        raise ConfigError("give either --reason TEXT (hold) or --release")
+    set_hold(_client(), name, None if release else reason)
+    console.print(f"{escape(name)}: " + ("hold released" if release
+                                         else f"promotions on hold ({escape(str(reason))})"))
 
 
 @command()

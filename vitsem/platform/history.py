@@ -13,8 +13,9 @@ from typing import Any
 
 from vitsem.errors import RegistryError
 
-__all__ = ["AuditRecord", "GateDecision", "GateRule", "audit_history", "changes", "decide",
-           "latest_audit", "promote", "require_alias"]
+__all__ = ["HOLD_TAG", "AuditEvent", "AuditRecord", "GateDecision", "GateRule", "audit_events",
+           "audit_history", "changes", "decide", "latest_audit", "promote", "require_alias",
+           "set_hold"]
 
 AUDIT_EXPERIMENTS = ("vitsem/spurious_audit", "vitsem/model_audit")
 """Audits log here: standalone, or as children of a model audit."""
@@ -57,15 +58,15 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def audit_history(client: Any, model: str, last: int = 10, version: str | None = None
-                  ) -> list[AuditRecord]:
+def audit_history(client: Any, model: str, last: int = 10, version: str | None = None,
+                  by: str = "registered_model") -> list[AuditRecord]:
     """The last ``last`` audits of registered model ``model`` (of one ``version`` if given),
-    newest first."""
+    newest first; ``by="model.checksum"`` finds the audits of unregistered weights."""
     ids = _experiment_ids(client)
     if not ids:
         return []
     query = (f"tags.`vitsem.flow` = 'spurious_audit' and "
-             f"tags.`vitsem.registered_model` = '{_quote(model)}'")
+             f"tags.`vitsem.{by}` = '{_quote(model)}'")
     if version is not None:
         query += f" and tags.`vitsem.registered_model.version` = '{_quote(version)}'"
     runs = client.search_runs(ids, query, max_results=last, order_by=["attributes.start_time DESC"])
@@ -156,10 +157,27 @@ def require_alias(client: Any, model: str, alias: str) -> str:
                             f"`vitsem model register --alias {alias}`") from e
 
 
+HOLD_TAG = "vitsem.promotion_hold"
+"""Registered-model tag: while set (by the automation reacting to an audit event, or by a
+person), no version is promoted; its value says why."""
+
+
+def set_hold(client: Any, model: str, reason: str | None) -> None:
+    """Hold promotions of ``model`` (``reason``) or release the hold (None)."""
+    if reason is None:
+        try:
+            client.delete_registered_model_tag(model, HOLD_TAG)
+        except Exception:  # no hold to release
+            pass
+    else:
+        client.set_registered_model_tag(model, HOLD_TAG, reason[:4000])
+
+
 def promote(client: Any, model: str, rule: GateRule = GateRule(),
             challenger: str = "challenger", champion: str = "champion") -> GateDecision:
     """Move alias ``champion`` to the version ``challenger`` points to when :func:`decide`
-    allows it; the decision and its reasons are tagged on the challenger version either way."""
+    allows it and no hold is set; the decision and its reasons are tagged on the challenger
+    version either way."""
     version = require_alias(client, model, challenger)
     try:
         current: str | None = str(client.get_model_version_by_alias(model, champion).version)
@@ -167,9 +185,42 @@ def promote(client: Any, model: str, rule: GateRule = GateRule(),
         current = None
     decision = decide(latest_audit(client, model, version),
                       latest_audit(client, model, current) if current else None, rule)
+    hold = client.get_registered_model(model).tags.get(HOLD_TAG)
+    if hold:
+        decision = GateDecision(False, (f"promotions are on hold: {hold}; release with "
+                                        f"`vitsem model hold {model} --release`",
+                                        *decision.reasons))
     client.set_model_version_tag(model, version, "vitsem.gate",
                                  ("promoted: " if decision.promote else "refused: ")
                                  + "; ".join(decision.reasons))
     if decision.promote:
         client.set_registered_model_alias(model, champion, version)
     return decision
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """A Prefect event an audit emits about its model (``vitsem.audit.*``)."""
+
+    name: str
+    payload: dict[str, Any]
+
+
+def audit_events(current: AuditRecord, previous: AuditRecord | None,
+                 max_worst_group_drop: float = 0.05) -> list[AuditEvent]:
+    """What changed for the worse since the previous audit of the same model: relied-on
+    patterns that appeared (every one, on a first audit) and a worst-group accuracy that fell
+    by more than ``max_worst_group_drop``."""
+    events = []
+    appeared = sorted(current.patterns - (previous.patterns if previous else frozenset()))
+    if appeared:
+        events.append(AuditEvent("vitsem.audit.pattern-appeared", {
+            "patterns": appeared, "run_id": current.run_id,
+            "previous_run_id": previous.run_id if previous else None}))
+    new = current.get("worst_group_accuracy")
+    old = previous.get("worst_group_accuracy") if previous else None
+    if new is not None and old is not None and old - new > max_worst_group_drop:
+        events.append(AuditEvent("vitsem.audit.worst-group-dropped", {
+            "worst_group_accuracy": new, "previous": old, "drop": old - new,
+            "run_id": current.run_id, "previous_run_id": previous.run_id if previous else None}))
+    return events

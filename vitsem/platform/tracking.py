@@ -17,6 +17,7 @@ from typing import Any
 from vitsem.audit.verdicts import Verdict, relied_on
 from vitsem.method.models import model_checksum, read_checkpoint_spec
 from vitsem.method.pipeline import AnalysisResult
+from vitsem.platform.history import AuditEvent, AuditRecord, audit_events, audit_history
 from vitsem.platform.lineage import Lineage, RegistryVersion
 from vitsem.platform.registry import (
     CHECKSUM_TAG,
@@ -310,6 +311,19 @@ def resolve_model(settings: Settings, checkpoint: str | None
 def registry_version(settings: Settings, checksum: str) -> RegistryVersion | None:
     """The registered version whose weights have ``checksum`` (None when unregistered)."""
     return version_of_checksum(_client(settings), checksum)
+
+
+def audit_changes(settings: Settings, run_id: str, lineage: Lineage,
+                  max_worst_group_drop: float) -> list[AuditEvent]:
+    """The events an audit run (``run_id``) raises against the previous audit of the same
+    model (the registered model, or the same weights when unregistered)."""
+    client = _client(settings)
+    current = AuditRecord.from_run(client.get_run(run_id))
+    key, by = ((lineage.registry.name, "registered_model") if lineage.registry
+               else (lineage.model_checksum, "model.checksum"))
+    before = [r for r in audit_history(client, key, 5, by=by)
+              if r.run_id != run_id and r.start_time <= current.start_time]
+    return audit_events(current, before[0] if before else None, max_worst_group_drop)
 
 
 def start_parent_run(settings: Settings, flow_name: str, lineage: Lineage,
