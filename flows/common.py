@@ -45,7 +45,9 @@ class DataParams(FlowParams):
     data: str = Field(description="Image folder, or a benchmark folder from `vitsem data make`.")
     split: str = Field(default="test", description="Split of a benchmark folder.")
     model: str | None = Field(default=None, description="timm model name.")
-    checkpoint: str | None = Field(default=None, description="Weights file (safetensors/pt).")
+    checkpoint: str | None = Field(
+        default=None, description="Weights: models:/<name>@<alias> (a registered version) or "
+        "a file (safetensors/pt).")
     shard_size: int | None = Field(default=None, ge=1, description="Images per task.")
 
 

@@ -98,7 +98,9 @@ def experiment_id(settings: Settings, flow_name: str) -> str:
     remote = settings.resolved_mlflow_uri().startswith("http")
     location = None if remote and not store.startswith("s3://") else store.rstrip("/") + "/mlflow"
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        # The kind makes the MLflow UI open the experiment on its training-runs table.
+        return str(client.create_experiment(name, artifact_location=location, tags={
+            "mlflow.experimentKind": "custom_model_development"}))
     except Exception:  # created concurrently by another run
         exp = client.get_experiment_by_name(name)
         if exp is None:
