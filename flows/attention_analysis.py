@@ -13,7 +13,10 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    artifact_key,
+    content_of,
     input_report,
+    lineage,
     make_task_runner,
     publish,
     register_inputs,
@@ -21,11 +24,13 @@ from flows.common import (
     shards,
     totals,
     tracked,
+    with_registered_weights,
 )
 from vitsem.data.inputs import InputSet
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.method.pipeline import AnalysisConfig, AnalysisResult
 from vitsem.platform import tracking
+from vitsem.platform.lineage import Lineage
 from vitsem.platform.services import analysis
 from vitsem.platform.services.context import ShardReport
 from vitsem.platform.settings import Settings
@@ -66,9 +71,9 @@ def merge_and_report(settings: Settings, dataset_id: int, reports: list[ShardRep
 
 @task(**RETRYING_TASK)
 def track_analysis(settings: Settings, params: AnalysisParams, result: AnalysisResult,
-                   files: list[Path]) -> str:
+                   files: list[Path], run_lineage: Lineage) -> str:
     return tracking.log_analysis(settings, "attention_analysis", params.model_dump(), result,
-                                 files)
+                                 files, lineage=run_lineage)
 
 
 def run_analysis(settings: Settings, dataset_id: int, inputs: InputSet, params: AnalysisParams
@@ -92,18 +97,23 @@ def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
     """Weighted patch interrelation analysis of every layer and head over a data set."""
     settings = Settings()
     with tracked(settings, "attention_analysis", params) as run:
+        params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)
         reports, result, files = run_analysis(settings, dataset_id, inputs, params)
-        run.mlflow_run_id = track_analysis(settings, params, result, files)
+        run_lineage = lineage(settings, "analysis", params, inputs, content_of(reports),
+                              registered, cached=not any(r.computed for r in reports))
+        run.mlflow_run_id = track_analysis(settings, params, result, files, run_lineage)
+        model = run_lineage.model_label
         run.summary = totals(reports, inputs) | {"images": result.num_images,
                                          "mlflow_run_id": run.mlflow_run_id}
         table = profile_table(result)
-        create_table_artifact(key="semantic-layer-profile", table=table,
+        create_table_artifact(key=artifact_key("semantic-layer-profile", model), table=table,
                               description="Semantic lift and CLS focus per layer (1 = uniform)")
         url = tracking.run_url(settings, run.mlflow_run_id)
         if url:
-            create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
-        publish("attention-analysis-summary", summary_markdown(
+            create_link_artifact(key=artifact_key("mlflow-run", model), link=url,
+                                 link_text="MLflow run")
+        publish(artifact_key("attention-analysis-summary", model), summary_markdown(
             "Attention analysis", run.summary, rejected_files(reports, inputs),
             profile_markdown(table) + f"\n\nMLflow run: {url or run.mlflow_run_id}"))
     return run.summary | {"layer_profile": table}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
-from dataclasses import asdict
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -17,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import VitsemError
 from vitsem.paths import path_text
+from vitsem.platform import tracking
+from vitsem.platform.history import AuditEvent
+from vitsem.platform.lineage import Lineage, RegistryVersion, dataset_digest
 from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
     ShardReport,
@@ -40,7 +45,9 @@ class DataParams(FlowParams):
     data: str = Field(description="Image folder, or a benchmark folder from `vitsem data make`.")
     split: str = Field(default="test", description="Split of a benchmark folder.")
     model: str | None = Field(default=None, description="timm model name.")
-    checkpoint: str | None = Field(default=None, description="Weights file (safetensors/pt).")
+    checkpoint: str | None = Field(
+        default=None, description="Weights: models:/<name>@<alias> (a registered version) or "
+        "a file (safetensors/pt).")
     shard_size: int | None = Field(default=None, ge=1, description="Images per task.")
 
 
@@ -147,6 +154,89 @@ def rejected_files(reports: Sequence[ShardReport], inputs: InputSet | None = Non
     return first + [r for rep in reports for r in rep.rejected]
 
 
+def artifact_key(kind: str, model_label: str | None = None) -> str:
+    """``<kind>-<model>``: Prefect artifact keys per model, so the latest artifact of one
+    model is not replaced by another deployment's run (keys allow a-z, 0-9 and dashes)."""
+    if not model_label:
+        return kind
+    slug = re.sub(r"[^a-z0-9]+", "-", model_label.lower()).strip("-")
+    return f"{kind}-{slug}"[:120].rstrip("-")
+
+
 def publish(key: str, markdown: str, description: str | None = None) -> None:
     """A markdown artifact on the current flow run."""
     create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def announce(run_lineage: Lineage, events: Sequence[AuditEvent]) -> None:
+    """Emit the audit's events with the model as their resource, for automations (see
+    ``prefect.yaml``: promotions are held when one arrives)."""
+    from prefect.events import emit_event
+
+    name = run_lineage.registry.name if run_lineage.registry else run_lineage.model_label
+    resource = {"prefect.resource.id": f"vitsem.model.{name}", "prefect.resource.name": name,
+                "vitsem.model.checksum": run_lineage.model_checksum}
+    if run_lineage.registry is not None:
+        resource["vitsem.model.version"] = run_lineage.registry.version
+    for event in events:
+        get_run_logger().warning("%s on %s: %s", event.name, run_lineage.model_label,
+                                 event.payload)
+        emit_event(event=event.name, resource=resource, payload=event.payload)
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The MLflow run of an enclosing flow (``model_audit``) and the registered version it
+    audits: its steps log as children and name the same version."""
+
+    run_id: str
+    registry: RegistryVersion | None = None
+
+
+PARENT_RUN: ContextVar[ParentRun | None] = ContextVar("vitsem_parent_mlflow_run", default=None)
+
+
+@contextmanager
+def parent_run(parent: ParentRun) -> Iterator[None]:
+    """Steps called inside log their MLflow runs as children of ``parent``."""
+    token = PARENT_RUN.set(parent)
+    try:
+        yield
+    finally:
+        PARENT_RUN.reset(token)
+
+
+def with_registered_weights(settings: Settings, params: Any) -> tuple[Any, RegistryVersion | None]:
+    """``params`` with a ``models:/<name>@<alias>`` checkpoint replaced by the downloaded
+    file, and the registered version it named (None for a plain path)."""
+    path, ref = tracking.resolve_model(settings, params.checkpoint)
+    if ref is None:
+        return params, None
+    get_run_logger().info("checkpoint %s is %s", params.checkpoint, ref.uri)
+    return params.model_copy(update={"checkpoint": path}), ref
+
+
+def content_of(reports: Sequence[ShardReport]) -> tuple[str, int]:
+    """(digest, number of distinct images) of the images the shards used."""
+    images = {sha for r in reports for sha in r.image_sha256}
+    return dataset_digest(images), len(images)
+
+
+def lineage(settings: Settings, kind: str, params: DataParams, inputs: InputSet,
+            content: tuple[str, int], registry: RegistryVersion | None = None,
+            cached: bool | None = None) -> Lineage:
+    """What this run looked at (model, registry version, data set ``content`` from
+    :func:`content_of`) and where it ran (the Prefect flow run and deployment, the parent
+    MLflow run)."""
+    from prefect.runtime import deployment, flow_run
+
+    loaded = load_model_cached(params.model, params.checkpoint)
+    parent = PARENT_RUN.get()
+    registry = registry or (parent.registry if parent else None)
+    return Lineage(
+        kind=kind, model_name=loaded.spec.name, model_checksum=loaded.checksum,
+        dataset_name=inputs.name, dataset_digest=content[0], dataset_source=inputs.uri,
+        num_images=content[1],
+        registry=registry or tracking.registry_version(settings, loaded.checksum),
+        cached=cached, flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url,
+        deployment=deployment.name, parent_run_id=parent.run_id if parent else None)

@@ -10,10 +10,22 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.attention_analysis import AnalysisParams, attention_analysis
-from flows.common import RUN_HOOKS, DataParams, make_task_runner, publish, tracked
+from flows.common import (
+    RUN_HOOKS,
+    DataParams,
+    ParentRun,
+    artifact_key,
+    lineage,
+    make_task_runner,
+    parent_run,
+    publish,
+    tracked,
+    with_registered_weights,
+)
 from flows.sift_extraction import sift_extraction
 from flows.spurious_audit import AuditParams, spurious_audit
 from vitsem.data.inputs import resolve_inputs
+from vitsem.platform import tracking
 from vitsem.platform.settings import Settings
 from vitsem.render.markdown import model_audit_markdown
 
@@ -41,15 +53,29 @@ def model_audit(params: ModelAuditParams) -> dict[str, Any]:
     carry labels (a benchmark folder or one sub-folder per class), the shortcut audit."""
     settings = Settings()
     with tracked(settings, "model_audit", params) as run:
+        params, registered = with_registered_weights(settings, params)
         sift = sift_extraction(params.step(DataParams))
-        analysis = attention_analysis(params.step(AnalysisParams))
-        labelled = resolve_inputs(params.data, params.split).labelled
-        audit = spurious_audit(params.step(AuditParams)) if labelled else None
-        run.mlflow_run_id = analysis["mlflow_run_id"]
+        inputs = resolve_inputs(params.data, params.split)
+        run_lineage = lineage(settings, "model audit", params, inputs,
+                              (sift["dataset_digest"], sift["images"]), registered)
+        parent = ParentRun(tracking.start_parent_run(settings, "model_audit", run_lineage,
+                                                     params.model_dump()), registered)
+        run.mlflow_run_id = parent.run_id
+        try:
+            with parent_run(parent):
+                analysis = attention_analysis(params.step(AnalysisParams))
+                audit = (spurious_audit(params.step(AuditParams)) if inputs.labelled
+                         else None)
+        except BaseException:
+            tracking.finish_parent_run(settings, parent.run_id, [], status="FAILED")
+            raise
+        tracking.finish_parent_run(settings, parent.run_id, [
+            analysis["mlflow_run_id"], *([audit["mlflow_run_id"]] if audit else [])])
         run.summary = {"images": analysis["images"], "rejected": sift["rejected"],
                        "shortcuts": audit["shortcuts"] if audit else None,
                        "flagged": audit["flagged"] if audit else None,
-                       "audit_digest": audit["audit_digest"] if audit else None}
-        publish("model-audit-summary", model_audit_markdown(params.model_dump(), sift,
-                                                            analysis, audit))
+                       "audit_digest": audit["audit_digest"] if audit else None,
+                       "mlflow_run_id": parent.run_id}
+        publish(artifact_key("model-audit-summary", run_lineage.model_label),
+                model_audit_markdown(params.model_dump(), sift, analysis, audit))
     return {"sift_extraction": sift, "attention_analysis": analysis, "spurious_audit": audit}

@@ -10,6 +10,7 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    content_of,
     make_task_runner,
     publish,
     register_inputs,
@@ -46,7 +47,8 @@ def sift_extraction(params: DataParams) -> dict[str, Any]:
     with tracked(settings, "sift_extraction", params) as run:
         dataset_id, inputs = register_inputs(settings, params)
         reports = run_sift(settings, dataset_id, inputs.paths, params)
-        run.summary = totals(reports, inputs)
+        digest, images = content_of(reports)
+        run.summary = totals(reports, inputs) | {"images": images, "dataset_digest": digest}
         publish("sift-extraction-summary", summary_markdown(
             "SIFT extraction", run.summary, rejected_files(reports, inputs)),
             "Images processed, found in the store, rejected")

@@ -3,6 +3,7 @@ store, findings in SQL, metrics and figures in MLflow."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, task
@@ -13,18 +14,24 @@ from flows.common import (
     RETRYING_TASK,
     RUN_HOOKS,
     DataParams,
+    announce,
+    artifact_key,
+    content_of,
+    lineage,
     make_task_runner,
     publish,
     register_inputs,
     rejected_files,
     totals,
     tracked,
+    with_registered_weights,
 )
 from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.platform import tracking
+from vitsem.platform.lineage import Lineage
 from vitsem.platform.services import audit
 from vitsem.platform.services.audit import AuditReport
 from vitsem.platform.settings import Settings
@@ -47,13 +54,16 @@ class AuditParams(DataParams):
     repair_holdout: float = Field(default=0.0, ge=0, lt=1, description=(
         "Share of each group's labelled images held out (not audited) to repair the last "
         "layer from the findings; 0: no repair. The images must not have been trained on."))
+    max_worst_group_drop: float = Field(
+        default=0.05, ge=0, le=1, description="Worst-group accuracy fall since the previous "
+        "audit of the model that emits a vitsem.audit.worst-group-dropped event.")
 
     def config(self) -> AuditConfig:
-        return AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
-                           top_fraction=self.top_fraction,
-                           alpha=self.alpha, min_effect=self.min_effect,
-                           batch_size=self.batch_size,
-                           **({"maps": tuple(self.maps)} if self.maps else {}))
+        cfg = AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
+                          top_fraction=self.top_fraction,
+                          alpha=self.alpha, min_effect=self.min_effect,
+                          batch_size=self.batch_size)
+        return replace(cfg, maps=tuple(self.maps)) if self.maps else cfg
 
 
 @task(**RETRYING_TASK)
@@ -66,8 +76,10 @@ def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
 
 
 @task(**RETRYING_TASK)
-def track_audit(settings: Settings, params: AuditParams, report: AuditReport) -> str:
-    run_id = tracking.log_audit(settings, params.model_dump(), report.summary, report.files)
+def track_audit(settings: Settings, params: AuditParams, report: AuditReport,
+                run_lineage: Lineage) -> str:
+    run_id = tracking.log_audit(settings, params.model_dump(), report.summary, report.files,
+                                lineage=run_lineage)
     tracking.log_audit_scores(settings, run_id, report.summary)
     return run_id
 
@@ -89,11 +101,17 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
     measure what removing them at inference does to accuracy and worst-group accuracy."""
     settings = Settings()
     with tracked(settings, "spurious_audit", params) as run:
+        params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
         report = run_audit(settings, dataset_id, images, params)
-        run.mlflow_run_id = track_audit(settings, params, report)
+        run_lineage = lineage(settings, "audit", params, inputs, content_of(reports),
+                              registered, cached=report.cached)
+        run.mlflow_run_id = track_audit(settings, params, report, run_lineage)
+        events = tracking.audit_changes(settings, run.mlflow_run_id, run_lineage,
+                                        params.max_worst_group_drop)
+        announce(run_lineage, events)
         repaired_version = register_repair(settings, report, run.mlflow_run_id)
         s = report.summary
         semantic = s["findings"].get("semantic", [])
@@ -103,11 +121,13 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
             "shortcuts": sum(f["shortcut"] for f in semantic),
             "flagged": sum(bool(f.get("flag")) for f in semantic),
             "repaired_version": repaired_version,
-            "mlflow_run_id": run.mlflow_run_id, "report_uri": report.report_uri}
+            "mlflow_run_id": run.mlflow_run_id, "report_uri": report.report_uri,
+            "events": [e.name for e in events]}
         url = tracking.run_url(settings, run.mlflow_run_id)
         if url:
-            create_link_artifact(key="mlflow-audit-run", link=url, link_text="MLflow run")
-        publish("spurious-audit-summary", summary_markdown(
+            create_link_artifact(key=artifact_key("mlflow-audit-run", run_lineage.model_label),
+                                 link=url, link_text="MLflow run")
+        publish(artifact_key("spurious-audit-summary", run_lineage.model_label), summary_markdown(
             "Spurious-correlation audit", run.summary,
             rejected_files(reports, inputs),
             findings_markdown(s, report.report_uri, [f"MLflow run: {url or run.mlflow_run_id}"])))

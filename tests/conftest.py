@@ -34,6 +34,13 @@ def small_checkpoint(small_dataset: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
+@pytest.fixture(scope="session")
+def few_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled benchmark of the small model's classes, small enough for a quick audit."""
+    root = tmp_path_factory.mktemp("few") / "data"
+    return make_shortcut_dataset(root, ShortcutSpec(n_train=8, n_test=16, seed=4), workers=1)
+
+
 def copy_test_images(dataset: Path, dest: Path, n: int) -> Path:
     """The first ``n`` test-split images of a benchmark folder, copied into ``dest``."""
     dest.mkdir(parents=True)

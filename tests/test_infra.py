@@ -46,8 +46,9 @@ def _check_deployments(doc: dict[str, Any]) -> set[tuple[str, str]]:
         flow = getattr(module, func)
         names.add((flow.name, dep["name"]))
         hints = typing.get_type_hints(flow.fn)
-        assert set(dep["parameters"]) <= set(hints) - {"return"}, dep["name"]
-        for name, value in dep["parameters"].items():
+        params = dep.get("parameters", {})
+        assert set(params) <= set(hints) - {"return"}, dep["name"]
+        for name, value in params.items():
             model = hints[name]
             assert isinstance(model, type) and issubclass(model, BaseModel), name
             model.model_validate(value)

@@ -87,3 +87,8 @@ class PretrainInputError(VitsemError, ValueError):
 
 class ProbeDataError(PretrainInputError):
     """Labelled data the linear probe or k-NN cannot evaluate on."""
+
+
+class RegistryError(CheckpointError):
+    """A ``models:/`` reference that does not resolve: malformed, an unknown registered model,
+    version or alias, or a version without a vitsem checkpoint."""

@@ -19,20 +19,31 @@ from vitsem.cli.console import (
     print_profile,
     print_rejected,
 )
-from vitsem.cli.local import CheckpointOpt, ModelOpt, SplitOpt, default_model
+from vitsem.cli.local import ModelOpt, SplitOpt, default_model
 
 AUDIT_CRON = "0 3 * * *"
+DEMO_MODEL = "vitsem-tiny-vit"
+
+CheckpointOpt = Annotated[str | None, typer.Option(
+    help="Weights: a registered version models:/<name>@<alias> (or models:/<name>/<version>), "
+         "a vitsem .safetensors checkpoint, or a state_dict (.safetensors/.pt/.pth).")]
 
 
-def data_and_model(data: Path | None, checkpoint: Path | None, model: str | None
+def data_and_model(data: Path | None, checkpoint: str | Path | None, model: str | None
                    ) -> dict[str, Any]:
     """Flow parameters naming the data and the model (the shipped default for what is not
-    given)."""
+    given); a ``models:/`` reference is kept for the flow to resolve through the registry."""
+    from vitsem.platform.registry import is_model_uri, parse_model_uri
+
     if data is None or (checkpoint is None and model is None):
         d, c = default_model()
         data, checkpoint = data or d, checkpoint or (c if model is None else None)
-    return {"data": str(Path(data).resolve()), "model": model,
-            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+    if checkpoint is not None and is_model_uri(str(checkpoint)):
+        parse_model_uri(str(checkpoint))  # a malformed reference fails here, not in the flow
+        weights: str | None = str(checkpoint)
+    else:
+        weights = str(Path(checkpoint).resolve()) if checkpoint else None
+    return {"data": str(Path(data).resolve()), "model": model, "checkpoint": weights}
 
 
 @command()
@@ -199,13 +210,13 @@ def demo() -> None:
     t0 = time.perf_counter()
     settings = Settings()
     data_dir, ckpt = default_model()
-    marker = ckpt.with_suffix(".registered")
+    marker = ckpt.with_suffix(".registered-champion")
     if not marker.exists():
         run_id, version = register_checkpoint(
-            settings, ckpt, "vitsem-tiny-vit", "demo", {"checkpoint": ckpt.name}, {})
+            settings, ckpt, DEMO_MODEL, "champion", {"checkpoint": ckpt.name}, {})
         marker.write_text(f"{run_id} {version}\n")
     result = model_audit(ModelAuditParams(data=str(data_dir.resolve()),
-                                          checkpoint=str(ckpt.resolve())))
+                                          checkpoint=f"models:/{DEMO_MODEL}@champion"))
     analysis = result["attention_analysis"]
     print_profile(analysis["layer_profile"])
     if result.get("spurious_audit"):
@@ -221,6 +232,7 @@ def demo() -> None:
     if result.get("spurious_audit"):
         console.print(f"audit      {result['spurious_audit']['report_uri']}")
     console.print(f"  open it: mlflow ui --backend-store-uri {pub['mlflow_tracking_uri']}")
+    console.print(f"  compare: vitsem compare {DEMO_MODEL}")
     api = os.environ.get("PREFECT_API_URL")
     if api:
         console.print(f"Prefect    {api} (flow runs model_audit, sift_extraction, "

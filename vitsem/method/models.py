@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import json
 import pickle
 import sys
@@ -327,6 +328,17 @@ def read_checkpoint_spec(path: str | Path) -> ModelSpec | None:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
     text = meta.get(SPEC_METADATA_KEY)
     return ModelSpec.from_json(text, str(p)) if text else None
+
+
+def model_checksum(spec: ModelSpec, checkpoint: str | Path | None) -> str:
+    """sha256 (hex) of the spec's JSON and the weights file's bytes: the identity of a model
+    across runs, files and registry versions."""
+    h = hashlib.sha256(spec.to_json().encode())
+    if checkpoint is not None:
+        with open(checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(model: str | None = None, checkpoint: str | Path | None = None, *,

@@ -1,4 +1,9 @@
-"""MLflow adapter: one experiment per flow, layer as the metric step, secrets never logged."""
+"""MLflow adapter: one experiment per flow, layer as the metric step, secrets never logged.
+
+Runs are named and tagged by their :class:`~vitsem.platform.lineage.Lineage` (model, registry
+version, data set digest, Prefect flow run), log their data set as an input, and carry
+``summary.*`` scalars a compare view can sort; a model audit's analysis and audit runs are
+children of its own run."""
 
 from __future__ import annotations
 
@@ -9,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitsem.audit.verdicts import Verdict, relied_on
+from vitsem.method.models import model_checksum, read_checkpoint_spec
 from vitsem.method.pipeline import AnalysisResult
+from vitsem.platform.history import AuditEvent, AuditRecord, audit_events, audit_history
+from vitsem.platform.lineage import Lineage, RegistryVersion
+from vitsem.platform.registry import (
+    CHECKSUM_TAG,
+    is_model_uri,
+    resolve_checkpoint,
+    version_of_checksum,
+)
 from vitsem.platform.settings import Settings, redact
 from vitsem.platform.storage.db import serialised
 
@@ -83,7 +98,9 @@ def experiment_id(settings: Settings, flow_name: str) -> str:
     remote = settings.resolved_mlflow_uri().startswith("http")
     location = None if remote and not store.startswith("s3://") else store.rstrip("/") + "/mlflow"
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        # The kind makes the MLflow UI open the experiment on its training-runs table.
+        return str(client.create_experiment(name, artifact_location=location, tags={
+            "mlflow.experimentKind": "custom_model_development"}))
     except Exception:  # created concurrently by another run
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -96,16 +113,41 @@ def _param(value: Any) -> str:
     return redact(text)[:6000]
 
 
+def _new_run(settings: Settings, flow_name: str, lineage: Lineage | None,
+             tags: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """A new run of ``vitsem/<flow>``, or a child of the lineage's parent run (in the
+    parent's experiment, so the MLflow UI nests it), named and tagged by ``lineage``; its
+    data set logged as an input."""
+    client = _client(settings)
+    all_tags = {"vitsem.flow": flow_name, **(tags or {})}
+    if lineage is None:
+        return client, client.create_run(experiment_id(settings, flow_name), tags=all_tags)
+    exp = (client.get_run(lineage.parent_run_id).info.experiment_id if lineage.parent_run_id
+           else experiment_id(settings, flow_name))
+    run = client.create_run(exp, tags=all_tags | lineage.tags(), run_name=lineage.run_name())
+    _log_dataset(client, str(run.info.run_id), lineage)
+    return client, run
+
+
+def _log_dataset(client: Any, run_id: str, lineage: Lineage) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps({"uri": redact(lineage.dataset_source)})
+    profile = json.dumps({"num_images": lineage.num_images})
+    dataset = Dataset(lineage.dataset_name, lineage.dataset_digest, "local", source,
+                      profile=profile)
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
+                                                                "evaluation")])])
+
+
 def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
-                 result: AnalysisResult, files: list[Path], tags: dict[str, str] | None = None
-                 ) -> str:
+                 result: AnalysisResult, files: list[Path], tags: dict[str, str] | None = None,
+                 lineage: Lineage | None = None) -> str:
     """Log ``params`` (redacted), the layer profile and per-head statistics (step = layer)
     and ``files`` (stats.json, pictures) to a new run; returns its run id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    client = _client(settings)
-    run = client.create_run(experiment_id(settings, flow_name),
-                            tags={"vitsem.flow": flow_name, **(tags or {})})
+    client, run = _new_run(settings, flow_name, lineage, tags)
     run_id = str(run.info.run_id)
     try:
         metrics = []
@@ -122,6 +164,7 @@ def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
                             for h, v in enumerate(per_head) if v == v]
         metrics.append(Metric("images", float(result.num_images), ts, 0))
         metrics.append(Metric("rejected", float(len(result.rejected)), ts, 0))
+        metrics += [Metric(k, v, ts, 0) for k, v in analysis_scalars(result).items()]
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, _param(v)) for k, v in sorted(params.items())],
                          tags=[RunTag("vitsem.platform.settings", _param(settings.public_dict()))])
@@ -139,21 +182,61 @@ def _metric_name(*parts: str) -> str:
     return ".".join(p.replace(":", "-") for p in parts)
 
 
+def analysis_scalars(result: AnalysisResult) -> dict[str, float]:
+    """``summary.*`` scalars of an analysis: the largest and the mean layer semantic lift."""
+    lifts = [r["semantic_lift"] for r in result.layer_profile()
+             if r["semantic_lift"] == r["semantic_lift"]]
+    if not lifts:
+        return {}
+    return {"summary.max_semantic_lift": float(max(lifts)),
+            "summary.mean_semantic_lift": float(sum(lifts) / len(lifts))}
+
+
+UNREVIEWED = (Verdict.SHORTCUT.value, Verdict.REVIEW.value)
+"""Verdicts of a relied-on pattern nobody has reviewed yet."""
+
+
+def audit_scalars(summary: dict[str, Any], map_name: str = "semantic") -> dict[str, float]:
+    """``summary.*`` scalars of an audit, sortable in the runs table: accuracy and worst-group
+    accuracy of the model as it is, relied-on / unreviewed / reviewed-shortcut patterns of the
+    method's map, and each map's faithfulness (ABPC)."""
+    findings = summary["findings"].get(map_name, [])
+    verdicts = [f.get("verdict", "") for f in findings]
+    plain = summary["prompts"].get("none", {})
+    out = {"summary.relied_on_patterns": float(sum(relied_on(f) for f in findings)),
+           "summary.unreviewed_patterns": float(sum(v in UNREVIEWED for v in verdicts)),
+           "summary.reviewed_shortcuts": float(verdicts.count(Verdict.REVIEWED_SHORTCUT.value))}
+    for key in ("accuracy", "worst_group_accuracy"):
+        if plain.get(key) is not None:
+            out[f"summary.{key}"] = float(plain[key])
+    for name, faith in (summary.get("faithfulness") or {}).items():
+        if faith.get("abpc") == faith.get("abpc") and faith.get("abpc") is not None:
+            out[_metric_name("summary", "abpc", name)] = float(faith["abpc"])
+    return out
+
+
+def relied_on_signatures(summary: dict[str, Any], map_name: str = "semantic") -> list[str]:
+    """Signatures of the relied-on patterns of the method's map (what ``vitsem compare``
+    diffs between two audits)."""
+    return sorted({f["signature"] for f in summary["findings"].get(map_name, [])
+                   if relied_on(f) and f.get("signature")})
+
+
 def log_audit(settings: Settings, params: dict[str, Any], summary: dict[str, Any],
-              files: list[Path]) -> str:
+              files: list[Path], lineage: Lineage | None = None) -> str:
     """Log a spurious-correlation audit to a run of ``vitsem/spurious_audit``: accuracy and
-    worst-group accuracy per prompt, candidates and confirmed shortcuts per map, the report
-    (HTML, PNGs, JSON) as artifacts. Returns the run id."""
+    worst-group accuracy per prompt, candidates and confirmed shortcuts per map, the
+    ``summary.*`` scalars, the report (HTML, PNGs, JSON) as artifacts. Returns the run id."""
     from mlflow.entities import Metric, Param, RunTag
 
-    client = _client(settings)
-    run = client.create_run(experiment_id(settings, "spurious_audit"),
-                            tags={"vitsem.flow": "spurious_audit",
-                                  "vitsem.audit_status": summary["status"]})
+    client, run = _new_run(settings, "spurious_audit", lineage, {
+        "vitsem.audit_status": summary["status"],
+        "vitsem.patterns": ",".join(relied_on_signatures(summary))})
     run_id = str(run.info.run_id)
     ts = int(run.info.start_time)
     try:
         metrics = [Metric("images", float(summary["images"]), ts, 0)]
+        metrics += [Metric(k, v, ts, 0) for k, v in audit_scalars(summary).items()]
         for prompt, o in summary["prompts"].items():
             for key in ("accuracy", "worst_group_accuracy", "clean_accuracy", "changed"):
                 if o.get(key) is not None:
@@ -210,9 +293,68 @@ def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: 
     except Exception:  # already registered
         pass
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(name, source, run_id=run_id)
+    spec = read_checkpoint_spec(checkpoint)
+    tags = {CHECKSUM_TAG: model_checksum(spec, checkpoint)} if spec is not None else {}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return run_id, str(version.version)
+
+
+def resolve_model(settings: Settings, checkpoint: str | None
+                  ) -> tuple[str | None, RegistryVersion | None]:
+    """A checkpoint parameter as a local file: ``models:/<name>@<alias>`` (or ``/<version>``)
+    is resolved through the registry and downloaded once; a path passes through."""
+    if not is_model_uri(checkpoint):
+        return checkpoint, None
+    path, ref = resolve_checkpoint(settings, _client(settings), str(checkpoint))
+    return str(path), ref
+
+
+def registry_version(settings: Settings, checksum: str) -> RegistryVersion | None:
+    """The registered version whose weights have ``checksum`` (None when unregistered)."""
+    return version_of_checksum(_client(settings), checksum)
+
+
+def audit_changes(settings: Settings, run_id: str, lineage: Lineage,
+                  max_worst_group_drop: float) -> list[AuditEvent]:
+    """The events an audit run (``run_id``) raises against the previous audit of the same
+    model (the registered model, or the same weights when unregistered)."""
+    client = _client(settings)
+    current = AuditRecord.from_run(client.get_run(run_id))
+    key, by = ((lineage.registry.name, "registered_model") if lineage.registry
+               else (lineage.model_checksum, "model.checksum"))
+    before = [r for r in audit_history(client, key, 5, by=by)
+              if r.run_id != run_id and r.start_time <= current.start_time]
+    return audit_events(current, before[0] if before else None, max_worst_group_drop)
+
+
+def start_parent_run(settings: Settings, flow_name: str, lineage: Lineage,
+                     params: dict[str, Any]) -> str:
+    """An open run of ``vitsem/<flow>`` that the flow's steps log under as children."""
+    from mlflow.entities import Param
+
+    client, run = _new_run(settings, flow_name, lineage)
+    run_id = str(run.info.run_id)
+    client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in sorted(params.items())])
+    return run_id
+
+
+def finish_parent_run(settings: Settings, run_id: str, children: list[str],
+                      status: str = "FINISHED") -> None:
+    """Copy the children's ``summary.*`` scalars and pattern signatures to the parent (so
+    the parents of nightly audits compare side by side) and close it as ``status``."""
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(settings)
+    ts = int(time.time() * 1000)
+    metrics, tags = [], []
+    for child in children:
+        data = client.get_run(child).data
+        metrics += [Metric(k, float(v), ts, 0) for k, v in data.metrics.items()
+                    if k.startswith("summary.")]
+        tags += [RunTag(k, v) for k, v in data.tags.items() if k == "vitsem.patterns"]
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run_id, status)
 
 
 def log_epoch(settings: Settings, run_id: str | None, params: dict[str, Any],

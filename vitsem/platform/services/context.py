@@ -4,7 +4,6 @@ tasks may run in Dask workers), the models it loads and the report a sharded ste
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vitsem.method.models import ModelSpec, load_model
+from vitsem.method.models import ModelSpec, load_model, model_checksum
 from vitsem.method.view import ModelView
 from vitsem.platform.settings import Settings
 from vitsem.platform.storage.artifacts import ArtifactStore, open_store
@@ -71,12 +70,7 @@ class LoadedModel:
 @functools.lru_cache(maxsize=4)
 def _load(model: str | None, checkpoint: str | None) -> LoadedModel:
     net, spec = load_model(model, checkpoint)
-    h = hashlib.sha256(spec.to_json().encode())
-    if checkpoint is not None:
-        with open(checkpoint, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    checksum = h.hexdigest()
+    checksum = model_checksum(spec, checkpoint)
     log.info("loaded model %s (%s)", spec.name, Path(checkpoint).name if checkpoint else "timm")
     return LoadedModel(net, spec, checksum, ModelView.from_model(net), checkpoint or spec.name)
 
