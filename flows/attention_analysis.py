@@ -11,8 +11,8 @@ from pydantic import Field
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
+    flow_options,
     input_report,
     make_task_runner,
     publish,
@@ -87,7 +87,7 @@ def profile_table(result: AnalysisResult) -> list[dict[str, Any]]:
             for row in result.layer_profile()]
 
 
-@flow(name="attention_analysis", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("attention_analysis"))
 def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
     """Weighted patch interrelation analysis of every layer and head over a data set."""
     settings = Settings()

@@ -15,7 +15,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from vitsem.data.inputs import InputSet, resolve_inputs
-from vitsem.errors import VitsemError
+from vitsem.errors import TransientServiceError, VitsemError
 from vitsem.paths import path_text
 from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
@@ -57,21 +57,36 @@ def make_task_runner(settings: Settings | None = None) -> Any:
     return ThreadPoolTaskRunner(max_workers=settings.task_concurrency())
 
 
-def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
-    """Retry a failed task unless it failed on bad input or a permanent fault (both are
-    vitsem errors with a message that says what to fix): retrying those only delays it."""
+UNKNOWN_FAULT_ATTEMPTS = 3
+"""Runs of a task that failed on an exception vitsem did not classify (a bug, a library's
+own error): retried a little, as before, but not for the whole transient budget."""
+
+
+def retry_transient(_task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task that failed on a transient service fault (:class:`TransientServiceError`:
+    an S3 endpoint still down after botocore's own retries, ...) for every retry the task
+    has; never one that failed on bad input or a permanent fault (the other vitsem errors,
+    whose messages say what to fix: retrying them only delays it); an unclassified
+    exception up to ``UNKNOWN_FAULT_ATTEMPTS`` runs."""
     try:
         state.result()
+    except TransientServiceError:
+        return True
     except (VitsemError, FileNotFoundError, ValueError):
         return False
     except Exception:
-        return True
+        return int(getattr(task_run, "run_count", 0) or 0) < UNKNOWN_FAULT_ATTEMPTS
     return True
 
 
+TRANSIENT_RETRIES = 6
+"""Retries of an I/O task: with the backoff below (2, 4, ... 64 s, jittered by +-50%) a
+service may be down for about two minutes before the task fails; the flow's rerun then
+finds the finished shards in the store."""
+
 RETRYING_TASK: dict[str, Any] = {
     "cache_policy": NO_CACHE,  # the artifact store is the cache, content-addressed
-    "retries": 3,
+    "retries": TRANSIENT_RETRIES,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_transient,
@@ -90,6 +105,18 @@ def _close_cancelled(_flow: Any, flow_run: Any, _state: Any) -> None:
 RUN_HOOKS: dict[str, Any] = {"on_crashed": [_close_crashed],
                              "on_cancellation": [_close_cancelled]}
 """Flow options that close the project's run record when Prefect sees a crash or a cancel."""
+
+FLOW_TIMEOUT_HOURS: dict[str, float] = {
+    "sift_extraction": 4, "attention_analysis": 8, "spurious_audit": 8, "model_audit": 12,
+    "guided_pretrain": 48,
+}
+"""Wall-clock limit of each flow: a run past it fails (timed out) instead of holding a
+worker slot forever; a deployment may set another with ``flow.with_options``."""
+
+
+def flow_options(name: str) -> dict[str, Any]:
+    """Options of the flow ``name``: its name, timeout and the run-record hooks."""
+    return {"name": name, "timeout_seconds": FLOW_TIMEOUT_HOURS[name] * 3600, **RUN_HOOKS}
 
 
 def tracked(settings: Settings, flow_name: str, params: BaseModel

@@ -9,7 +9,14 @@ from typing import Any, Literal
 from prefect import flow, task
 from pydantic import Field
 
-from flows.common import RETRYING_TASK, RUN_HOOKS, FlowParams, make_task_runner, publish, tracked
+from flows.common import (
+    RETRYING_TASK,
+    FlowParams,
+    flow_options,
+    make_task_runner,
+    publish,
+    tracked,
+)
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.platform import tracking
 from vitsem.platform.services import pretrain
@@ -70,7 +77,7 @@ def register_encoder(settings: Settings, run: pretrain.PretrainRun, params: Pret
                                         params.alias, {}, {}, run_id=run.mlflow_run_id)
 
 
-@flow(name="guided_pretrain", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("guided_pretrain"))
 def guided_pretrain(params: PretrainParams) -> dict[str, Any]:
     """Pre-train a ViT encoder as a masked autoencoder with keypoint-guided masking."""
     settings = Settings()

@@ -10,7 +10,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.attention_analysis import AnalysisParams, attention_analysis
-from flows.common import RUN_HOOKS, DataParams, make_task_runner, publish, tracked
+from flows.common import DataParams, flow_options, make_task_runner, publish, tracked
 from flows.sift_extraction import sift_extraction
 from flows.spurious_audit import AuditParams, spurious_audit
 from vitsem.data.inputs import resolve_inputs
@@ -32,7 +32,7 @@ class ModelAuditParams(AnalysisParams):
         return kind(**self.model_dump(include=set(kind.model_fields)))
 
 
-@flow(name="model_audit", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("model_audit"))
 def model_audit(params: ModelAuditParams) -> dict[str, Any]:
     """Audit a model on a data set: keypoints, the interrelation analysis and, when the data
     carry labels (a benchmark folder or one sub-folder per class), the shortcut audit."""

@@ -8,8 +8,8 @@ from prefect import flow, task, unmapped
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
+    flow_options,
     make_task_runner,
     publish,
     register_inputs,
@@ -39,7 +39,7 @@ def run_sift(settings: Settings, dataset_id: int, paths: list[str], params: Data
     return [f.result() for f in futures]
 
 
-@flow(name="sift_extraction", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("sift_extraction"))
 def sift_extraction(params: DataParams) -> dict[str, Any]:
     """Extract and store SIFT keypoints for every image; already stored ones are skipped."""
     settings = Settings()

@@ -11,8 +11,8 @@ from pydantic import Field
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
+    flow_options,
     make_task_runner,
     publish,
     register_inputs,
@@ -59,7 +59,7 @@ def track_audit(settings: Settings, params: AuditParams, report: AuditReport) ->
     return tracking.log_audit(settings, params.model_dump(), report.summary, report.files)
 
 
-@flow(name="spurious_audit", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("spurious_audit"))
 def spurious_audit(params: AuditParams) -> dict[str, Any]:
     """Find the shortcuts a classifier relies on, confirm them by token removal, and
     measure what removing them at inference does to accuracy and worst-group accuracy."""

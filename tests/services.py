@@ -156,3 +156,29 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class ResettingServer:
+    """Accepts TCP connections and closes each at once, counting them: an endpoint whose
+    every request fails in transit, where the count is the number of attempts made."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            client.close()
+
+    def close(self) -> None:
+        self._srv.close()

@@ -82,3 +82,9 @@ class PretrainInputError(VitsemError, ValueError):
 
 class ProbeDataError(PretrainInputError):
     """Labelled data the linear probe or k-NN cannot evaluate on."""
+
+
+class TransientServiceError(VitsemError):
+    """A service fault that may pass: an endpoint that is unreachable, timing out, throttling
+    or answering 5xx after the client's own retries. The flows' tasks retry it with backoff;
+    every other vitsem error is permanent (retrying it only delays the failure)."""
