@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vitsem.data.inputs import InputSet, resolve_inputs
 from vitsem.errors import TransientServiceError, VitsemError
 from vitsem.paths import path_text
-from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
+from vitsem.platform.runs import TrackedRun, closed_by_signal, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
     ShardReport,
     context,
@@ -119,11 +119,56 @@ def flow_options(name: str) -> dict[str, Any]:
     return {"name": name, "timeout_seconds": FLOW_TIMEOUT_HOURS[name] * 3600, **RUN_HOOKS}
 
 
+def reconcile_prefect_states(settings: Settings, current: str | None = None) -> int:
+    """Runs the project closed as ``crashed``/``cancelled`` (SIGTERM, a cancel) while
+    Prefect's API was unreachable still read Running in Prefect: set them to Crashed or
+    Cancelled now. Best effort (an API still down is left for the next run); returns how
+    many it set."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Crashed
+
+    closed = {k: v for k, v in closed_by_signal(settings).items() if k != current}
+    ids = []
+    for key in closed:
+        try:
+            ids.append(uuid.UUID(key))
+        except ValueError:  # not a Prefect run id
+            continue
+    if not ids:
+        return 0
+    try:
+        with get_client(sync_client=True) as client:
+            stuck = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING]))))
+            for run in stuck:
+                message = "its process was terminated while the Prefect API was unreachable"
+                state = (Crashed(message=message) if closed[str(run.id)] == "crashed"
+                         else Cancelled(message=message))
+                client.set_flow_run_state(run.id, state, force=True)
+    except Exception as e:  # the API may still be away: the next run tries again
+        get_run_logger().warning("could not reconcile Prefect states of ended runs: %s",
+                                 type(e).__name__)
+        return 0
+    return len(stuck)
+
+
 def tracked(settings: Settings, flow_name: str, params: BaseModel
             ) -> AbstractContextManager[TrackedRun]:
     """The project's ``flow_runs`` record of the current Prefect flow run."""
     from prefect.runtime import flow_run
 
+    reconcile_prefect_states(settings, str(flow_run.id) if flow_run.id else None)
     return tracked_run(settings, flow_name, params.model_dump(),
                        str(flow_run.id) if flow_run.id else None)
 

@@ -159,8 +159,6 @@ def serve(
     `attention_analysis/on-demand`, `spurious_audit/on-demand` and
     `guided_pretrain/on-demand` to trigger from the Prefect UI or
     `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
-    from prefect import serve as prefect_serve
-
     from flows.attention_analysis import attention_analysis
     from flows.guided_pretrain import guided_pretrain
     from flows.model_audit import model_audit
@@ -177,7 +175,40 @@ def serve(
         sift_extraction.to_deployment(name="on-demand", parameters=params),
         attention_analysis.to_deployment(name="on-demand", parameters=params),
     ]
-    prefect_serve(*deployments)
+    serve_until_terminated(deployments)
+
+
+SERVE_GRACE_SECONDS = 8.0
+"""How long `vitsem serve` may take to stop after SIGTERM (its flow runs get
+``SHUTDOWN_GRACE_SECONDS`` of it): under 10 s, also while the Prefect API is unreachable."""
+
+
+def serve_until_terminated(deployments: list[Any]) -> None:
+    """Serve ``deployments`` with Prefect's runner until SIGTERM or Ctrl-C. On SIGTERM the
+    runner's own graceful stop (cancel runs, pause schedules: API calls) is bounded: the
+    flow-run processes are told to stop at once and the process exits after
+    ``SERVE_GRACE_SECONDS`` whatever is still waiting on the API."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    from vitsem.platform.shutdown import exit_within, terminate_children
+
+    class BoundedRunner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            exit_within(SERVE_GRACE_SECONDS)
+            terminate_children()
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = BoundedRunner(pause_on_shutdown=True)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    console.print("Serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments))
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        console.print(f"{type(e).__name__}: stopped")
 
 
 @command()
