@@ -19,6 +19,7 @@ from flows.common import (
     register_inputs,
     rejected_files,
     shards,
+    task_namer,
     totals,
     tracked,
 )
@@ -46,14 +47,14 @@ class AnalysisParams(DataParams):
                               num_examples=self.examples, workers=1)
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("analysis"), **RETRYING_TASK)
 def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                   params: AnalysisParams) -> ShardReport:
     return analysis.analyze_shard(settings, dataset_id, shard, paths, params.model,
                                   params.checkpoint, params.config())
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("analysis merge"), **RETRYING_TASK)
 def merge_and_report(settings: Settings, dataset_id: int, reports: list[ShardReport],
                      params: AnalysisParams, example_paths: list[str]
                      ) -> tuple[AnalysisResult, list[Path]]:

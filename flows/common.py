@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -114,9 +115,50 @@ FLOW_TIMEOUT_HOURS: dict[str, float] = {
 worker slot forever; a deployment may set another with ``flow.with_options``."""
 
 
+def describe_params(params: Any) -> str:
+    """``<model> on <data set>``: what a run works on, for its name in the Prefect UI."""
+    p = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
+    model = p.get("model") or (Path(p["checkpoint"]).stem if p.get("checkpoint") else None)
+    data = Path(str(p.get("data") or "?")).name
+    split = p.get("split")
+    where = f"{data}/{split}" if split and split != "test" else data
+    return f"{model} on {where}" if model else where
+
+
+def run_namer(name: str) -> Any:
+    """The ``flow_run_name`` of flow ``name``: ``<flow>: <model> on <data set>``."""
+
+    def flow_run_name() -> str:
+        from prefect.runtime import flow_run
+
+        try:
+            return f"{name}: {describe_params(flow_run.parameters.get('params'))}"
+        except Exception:  # a name is never worth failing a run for
+            return name
+
+    return flow_run_name
+
+
+def task_namer(kind: str) -> Any:
+    """The ``task_run_name`` of a task: ``<kind>: <model> on <data set> [shard N]``."""
+
+    def task_run_name() -> str:
+        from prefect.runtime import task_run
+
+        try:
+            p = task_run.parameters
+            shard = f" shard {p['shard']}" if "shard" in p else ""
+            return f"{kind}: {describe_params(p.get('params'))}{shard}"
+        except Exception:  # a name is never worth failing a run for
+            return kind
+
+    return task_run_name
+
+
 def flow_options(name: str) -> dict[str, Any]:
-    """Options of the flow ``name``: its name, timeout and the run-record hooks."""
-    return {"name": name, "timeout_seconds": FLOW_TIMEOUT_HOURS[name] * 3600, **RUN_HOOKS}
+    """Options of the flow ``name``: its name, run names, timeout and the run-record hooks."""
+    return {"name": name, "flow_run_name": run_namer(name),
+            "timeout_seconds": FLOW_TIMEOUT_HOURS[name] * 3600, **RUN_HOOKS}
 
 
 def reconcile_prefect_states(settings: Settings, current: str | None = None) -> int:

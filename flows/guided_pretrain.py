@@ -15,6 +15,7 @@ from flows.common import (
     flow_options,
     make_task_runner,
     publish,
+    task_namer,
     tracked,
 )
 from vitsem.method.concentration import SemanticConfig, Weighting
@@ -58,7 +59,7 @@ class PretrainParams(FlowParams):
                               depth=self.depth, seed=self.seed, device=self.device)
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("pretrain"), **RETRYING_TASK)
 def pretrain_task(settings: Settings, dataset_id: int, params: PretrainParams
                   ) -> pretrain.PretrainRun:
     """All epochs; a retry (or a rerun after a crash) resumes from the last stored epoch."""

@@ -15,6 +15,7 @@ from flows.common import (
     register_inputs,
     rejected_files,
     shards,
+    task_namer,
     totals,
     tracked,
 )
@@ -24,7 +25,7 @@ from vitsem.platform.settings import Settings
 from vitsem.render.markdown import summary_markdown
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("sift"), **RETRYING_TASK)
 def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                params: DataParams) -> ShardReport:
     return keypoints.sift_shard(settings, dataset_id, shard, paths, params.model,

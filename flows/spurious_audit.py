@@ -17,6 +17,7 @@ from flows.common import (
     publish,
     register_inputs,
     rejected_files,
+    task_namer,
     totals,
     tracked,
 )
@@ -47,7 +48,7 @@ class AuditParams(DataParams):
                            batch_size=self.batch_size)
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("audit"), **RETRYING_TASK)
 def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
               params: AuditParams) -> AuditReport:
     return audit.audit_images(settings, dataset_id, images, params.model, params.checkpoint,

@@ -228,8 +228,12 @@ def test_s3_outage_longer_than_any_retry_window_ends_with_the_flow_completed(
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        flow_run_name = client.read_flow_run(state.state_details.flow_run_id).name
     assert max(r.run_count for r in runs) >= 2
     assert all(r.state is not None and r.state.is_completed() for r in runs)
+    # Run names say what runs: flow, model, data set, shard.
+    assert flow_run_name == "sift_extraction: tiny on imgs"
+    assert {f"sift: tiny on imgs shard {i}" for i in range(3)} <= {r.name for r in runs}
     # Every image accounted for once.
     counts = _counts(Settings().resolved_database_url())
     assert counts["images"] == 14 and counts["keypoint_sets"] == 12 and counts["rejected"] == 2

@@ -21,8 +21,6 @@ from vitsem.cli.console import (
 )
 from vitsem.cli.local import CheckpointOpt, ModelOpt, SplitOpt, default_model
 
-AUDIT_CRON = "0 3 * * *"
-
 
 def data_and_model(data: Path | None, checkpoint: Path | None, model: str | None
                    ) -> dict[str, Any]:
@@ -148,34 +146,23 @@ def show_settings() -> None:
 
 @command()
 def serve(
-    data: Annotated[Path | None, typer.Option(help="Data set the audit runs on.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data set the deployments run on.")] = None,
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,
-    cron: Annotated[str, typer.Option(help="Schedule of the model audit.")] = AUDIT_CRON,
+    cron: Annotated[str | None, typer.Option(
+        help="Schedule of the scheduled audit; default: prefect.yaml's.")] = None,
 ) -> None:
-    """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
+    """Serve the deployments of prefect.yaml without a work pool (local development).
 
-    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`,
-    `attention_analysis/on-demand`, `spurious_audit/on-demand` and
-    `guided_pretrain/on-demand` to trigger from the Prefect UI or
-    `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
-    from flows.attention_analysis import attention_analysis
-    from flows.guided_pretrain import guided_pretrain
-    from flows.model_audit import model_audit
-    from flows.sift_extraction import sift_extraction
-    from flows.spurious_audit import spurious_audit
+    prefect.yaml is the one source of the deployments (`prefect deploy --all` for
+    production workers): the scheduled `model_audit/scheduled-audit` and the on-demand
+    `sift_extraction/sift-on-demand`, `attention_analysis/analysis-on-demand`,
+    `spurious_audit/audit-on-demand`, `guided_pretrain/pretrain-on-demand`, to trigger from
+    the Prefect UI or `prefect deployment run`, with --data/--model/--checkpoint replacing
+    the file's paths. Needs PREFECT_API_URL (a Prefect server)."""
+    from flows.deployments import runner_deployments
 
-    params = {"params": data_and_model(data, checkpoint, model)}
-    deployments: list[Any] = [
-        guided_pretrain.to_deployment(name="on-demand", parameters={
-            "params": {"data": params["params"]["data"]}}),
-        spurious_audit.to_deployment(name="on-demand", parameters=params),
-        model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
-                                  description="Nightly audit of the configured model"),
-        sift_extraction.to_deployment(name="on-demand", parameters=params),
-        attention_analysis.to_deployment(name="on-demand", parameters=params),
-    ]
-    serve_until_terminated(deployments)
+    serve_until_terminated(runner_deployments(data_and_model(data, checkpoint, model), cron))
 
 
 SERVE_GRACE_SECONDS = 8.0
