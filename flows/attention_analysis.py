@@ -25,6 +25,7 @@ from flows.common import (
 )
 from vitsem.data.inputs import InputSet
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.method.pipeline import AnalysisConfig, AnalysisResult
 from vitsem.platform import tracking
 from vitsem.platform.services import analysis
@@ -38,13 +39,15 @@ class AnalysisParams(DataParams):
     levels: int = Field(default=3, ge=2, le=8, description="Concentration levels K.")
     batch_size: int = Field(default=32, ge=1)
     examples: int = Field(default=4, ge=0, le=32, description="Images drawn as pictures.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
 
     def semantic(self) -> SemanticConfig:
         return SemanticConfig(weighting=self.weighting, levels=self.levels)
 
     def config(self) -> AnalysisConfig:
         return AnalysisConfig(semantic=self.semantic(), batch_size=self.batch_size,
-                              num_examples=self.examples, workers=1)
+                              num_examples=self.examples, workers=1,
+                              device=resolve_device(self.device))
 
 
 @task(task_run_name=task_namer("analysis"), **RETRYING_TASK)

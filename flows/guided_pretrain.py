@@ -19,6 +19,7 @@ from flows.common import (
     tracked,
 )
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.platform import tracking
 from vitsem.platform.services import pretrain
 from vitsem.platform.services.context import context
@@ -46,7 +47,7 @@ class PretrainParams(FlowParams):
     depth: int = Field(default=4, ge=1)
     limit: int | None = Field(default=None, ge=1, description="Training images at most.")
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
     model_name: str = Field(default="vitsem-mae-encoder",
                             description="Registered model name in MLflow.")
     alias: str = Field(default="pretrained", description="Alias of the registered version.")
@@ -56,7 +57,8 @@ class PretrainParams(FlowParams):
                                                                  alpha=self.alpha),
                               epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                               semantic=SemanticConfig(weighting=self.weighting),
-                              depth=self.depth, seed=self.seed, device=self.device)
+                              depth=self.depth, seed=self.seed,
+                              device=resolve_device(self.device))
 
 
 @task(task_run_name=task_namer("pretrain"), **RETRYING_TASK)

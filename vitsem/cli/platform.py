@@ -84,7 +84,8 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     limit: Annotated[int | None, typer.Option(help="Training images at most.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")
+                      ] = "auto",
 ) -> None:
     """Keypoint-guided MAE pre-training (the `guided_pretrain` flow).
 
