@@ -1,18 +1,27 @@
-# Worker image for vitsem flows (CPU). Build: docker build -t vitsem .
-FROM python:3.11-slim
+# The vitsem image: CLI, flows, Prefect worker and MLflow server of the compose stack.
+#   CPU (default):  docker build -t vitsem:0.1.0 .
+#   CUDA variant:   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
+#                     -t vitsem:0.1.0-cuda .
+# The CUDA wheels carry their own CUDA runtime: the host needs only the NVIDIA driver and the
+# NVIDIA container toolkit (compose's `worker-gpu` reserves one GPU).
+FROM python:3.11.11-slim-bookworm
 
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VITSEM_HOME=/data/vitsem
 RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-# CPU wheels of the pinned torch keep the image small; the project never needs a newer one.
-RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+# The pinned torch from the chosen index (CPU wheels keep the default image small).
+RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url ${TORCH_INDEX}
+COPY pyproject.toml README.md prefect.yaml ./
 COPY vitsem ./vitsem
 COPY flows ./flows
-RUN pip install .
-RUN useradd --create-home --uid 1000 vitsem && mkdir -p /data/vitsem && chown vitsem /data/vitsem
+# The platform's servers at the versions the project is tested with; mlflow[auth] for the
+# MLflow server's basic auth.
+RUN pip install . "prefect==3.9.1" "mlflow[auth]==3.17.2"
+RUN useradd --create-home --uid 1000 vitsem && mkdir -p /data/vitsem \
+    && chown vitsem /data/vitsem /app
 USER vitsem
 ENTRYPOINT ["vitsem"]
 CMD ["--help"]

@@ -11,10 +11,10 @@ from pydantic import Field
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
     artifact_key,
     content_of,
+    flow_options,
     input_report,
     lineage,
     make_task_runner,
@@ -22,12 +22,14 @@ from flows.common import (
     register_inputs,
     rejected_files,
     shards,
+    task_namer,
     totals,
     tracked,
     with_registered_weights,
 )
 from vitsem.data.inputs import InputSet
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.method.pipeline import AnalysisConfig, AnalysisResult
 from vitsem.platform import tracking
 from vitsem.platform.lineage import Lineage
@@ -42,23 +44,25 @@ class AnalysisParams(DataParams):
     levels: int = Field(default=3, ge=2, le=8, description="Concentration levels K.")
     batch_size: int = Field(default=32, ge=1)
     examples: int = Field(default=4, ge=0, le=32, description="Images drawn as pictures.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
 
     def semantic(self) -> SemanticConfig:
         return SemanticConfig(weighting=self.weighting, levels=self.levels)
 
     def config(self) -> AnalysisConfig:
         return AnalysisConfig(semantic=self.semantic(), batch_size=self.batch_size,
-                              num_examples=self.examples, workers=1)
+                              num_examples=self.examples, workers=1,
+                              device=resolve_device(self.device))
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("analysis"), **RETRYING_TASK)
 def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                   params: AnalysisParams) -> ShardReport:
     return analysis.analyze_shard(settings, dataset_id, shard, paths, params.model,
                                   params.checkpoint, params.config())
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("analysis merge"), **RETRYING_TASK)
 def merge_and_report(settings: Settings, dataset_id: int, reports: list[ShardReport],
                      params: AnalysisParams, example_paths: list[str]
                      ) -> tuple[AnalysisResult, list[Path]]:
@@ -92,7 +96,7 @@ def profile_table(result: AnalysisResult) -> list[dict[str, Any]]:
             for row in result.layer_profile()]
 
 
-@flow(name="attention_analysis", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("attention_analysis"))
 def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
     """Weighted patch interrelation analysis of every layer and head over a data set."""
     settings = Settings()

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -17,12 +18,12 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from vitsem.data.inputs import InputSet, resolve_inputs
-from vitsem.errors import VitsemError
+from vitsem.errors import TransientServiceError, VitsemError
 from vitsem.paths import path_text
 from vitsem.platform import tracking
 from vitsem.platform.history import AuditEvent
 from vitsem.platform.lineage import Lineage, RegistryVersion, dataset_digest
-from vitsem.platform.runs import TrackedRun, mark_prefect_run, tracked_run
+from vitsem.platform.runs import TrackedRun, closed_by_signal, mark_prefect_run, tracked_run
 from vitsem.platform.services.context import (
     ShardReport,
     context,
@@ -64,21 +65,36 @@ def make_task_runner(settings: Settings | None = None) -> Any:
     return ThreadPoolTaskRunner(max_workers=settings.task_concurrency())
 
 
-def retry_transient(_task: Any, _run: Any, state: Any) -> bool:
-    """Retry a failed task unless it failed on bad input or a permanent fault (both are
-    vitsem errors with a message that says what to fix): retrying those only delays it."""
+UNKNOWN_FAULT_ATTEMPTS = 3
+"""Runs of a task that failed on an exception vitsem did not classify (a bug, a library's
+own error): retried a little, as before, but not for the whole transient budget."""
+
+
+def retry_transient(_task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task that failed on a transient service fault (:class:`TransientServiceError`:
+    an S3 endpoint still down after botocore's own retries, ...) for every retry the task
+    has; never one that failed on bad input or a permanent fault (the other vitsem errors,
+    whose messages say what to fix: retrying them only delays it); an unclassified
+    exception up to ``UNKNOWN_FAULT_ATTEMPTS`` runs."""
     try:
         state.result()
+    except TransientServiceError:
+        return True
     except (VitsemError, FileNotFoundError, ValueError):
         return False
     except Exception:
-        return True
+        return int(getattr(task_run, "run_count", 0) or 0) < UNKNOWN_FAULT_ATTEMPTS
     return True
 
 
+TRANSIENT_RETRIES = 6
+"""Retries of an I/O task: with the backoff below (2, 4, ... 64 s, jittered by +-50%) a
+service may be down for about two minutes before the task fails; the flow's rerun then
+finds the finished shards in the store."""
+
 RETRYING_TASK: dict[str, Any] = {
     "cache_policy": NO_CACHE,  # the artifact store is the cache, content-addressed
-    "retries": 3,
+    "retries": TRANSIENT_RETRIES,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_transient,
@@ -98,12 +114,110 @@ RUN_HOOKS: dict[str, Any] = {"on_crashed": [_close_crashed],
                              "on_cancellation": [_close_cancelled]}
 """Flow options that close the project's run record when Prefect sees a crash or a cancel."""
 
+FLOW_TIMEOUT_HOURS: dict[str, float] = {
+    "sift_extraction": 4, "attention_analysis": 8, "spurious_audit": 8, "model_audit": 12,
+    "guided_pretrain": 48,
+}
+"""Wall-clock limit of each flow: a run past it fails (timed out) instead of holding a
+worker slot forever; a deployment may set another with ``flow.with_options``."""
+
+
+def describe_params(params: Any) -> str:
+    """``<model> on <data set>``: what a run works on, for its name in the Prefect UI."""
+    p = params.model_dump() if isinstance(params, BaseModel) else dict(params or {})
+    model = p.get("model") or (Path(p["checkpoint"]).stem if p.get("checkpoint") else None)
+    data = Path(str(p.get("data") or "?")).name
+    split = p.get("split")
+    where = f"{data}/{split}" if split and split != "test" else data
+    return f"{model} on {where}" if model else where
+
+
+def run_namer(name: str) -> Any:
+    """The ``flow_run_name`` of flow ``name``: ``<flow>: <model> on <data set>``."""
+
+    def flow_run_name() -> str:
+        from prefect.runtime import flow_run
+
+        try:
+            return f"{name}: {describe_params(flow_run.parameters.get('params'))}"
+        except Exception:  # a name is never worth failing a run for
+            return name
+
+    return flow_run_name
+
+
+def task_namer(kind: str) -> Any:
+    """The ``task_run_name`` of a task: ``<kind>: <model> on <data set> [shard N]``."""
+
+    def task_run_name() -> str:
+        from prefect.runtime import task_run
+
+        try:
+            p = task_run.parameters
+            shard = f" shard {p['shard']}" if "shard" in p else ""
+            return f"{kind}: {describe_params(p.get('params'))}{shard}"
+        except Exception:  # a name is never worth failing a run for
+            return kind
+
+    return task_run_name
+
+
+def flow_options(name: str) -> dict[str, Any]:
+    """Options of the flow ``name``: its name, run names, timeout and the run-record hooks."""
+    return {"name": name, "flow_run_name": run_namer(name),
+            "timeout_seconds": FLOW_TIMEOUT_HOURS[name] * 3600, **RUN_HOOKS}
+
+
+def reconcile_prefect_states(settings: Settings, current: str | None = None) -> int:
+    """Runs the project closed as ``crashed``/``cancelled`` (SIGTERM, a cancel) while
+    Prefect's API was unreachable still read Running in Prefect: set them to Crashed or
+    Cancelled now. Best effort (an API still down is left for the next run); returns how
+    many it set."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Crashed
+
+    closed = {k: v for k, v in closed_by_signal(settings).items() if k != current}
+    ids = []
+    for key in closed:
+        try:
+            ids.append(uuid.UUID(key))
+        except ValueError:  # not a Prefect run id
+            continue
+    if not ids:
+        return 0
+    try:
+        with get_client(sync_client=True) as client:
+            stuck = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=ids),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING]))))
+            for run in stuck:
+                message = "its process was terminated while the Prefect API was unreachable"
+                state: Any = (Crashed(message=message) if closed[str(run.id)] == "crashed"
+                              else Cancelled(message=message))
+                client.set_flow_run_state(run.id, state, force=True)
+    except Exception as e:  # the API may still be away: the next run tries again
+        get_run_logger().warning("could not reconcile Prefect states of ended runs: %s",
+                                 type(e).__name__)
+        return 0
+    return len(stuck)
+
 
 def tracked(settings: Settings, flow_name: str, params: BaseModel
             ) -> AbstractContextManager[TrackedRun]:
     """The project's ``flow_runs`` record of the current Prefect flow run."""
     from prefect.runtime import flow_run
 
+    reconcile_prefect_states(settings, str(flow_run.id) if flow_run.id else None)
     return tracked_run(settings, flow_name, params.model_dump(),
                        str(flow_run.id) if flow_run.id else None)
 

@@ -9,8 +9,17 @@ from typing import Any, Literal
 from prefect import flow, task
 from pydantic import Field
 
-from flows.common import RETRYING_TASK, RUN_HOOKS, FlowParams, make_task_runner, publish, tracked
+from flows.common import (
+    RETRYING_TASK,
+    FlowParams,
+    flow_options,
+    make_task_runner,
+    publish,
+    task_namer,
+    tracked,
+)
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.platform import tracking
 from vitsem.platform.services import pretrain
 from vitsem.platform.services.context import context
@@ -38,7 +47,7 @@ class PretrainParams(FlowParams):
     depth: int = Field(default=4, ge=1)
     limit: int | None = Field(default=None, ge=1, description="Training images at most.")
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
     model_name: str = Field(default="vitsem-mae-encoder",
                             description="Registered model name in MLflow.")
     alias: str = Field(default="pretrained", description="Alias of the registered version.")
@@ -48,10 +57,11 @@ class PretrainParams(FlowParams):
                                                                  alpha=self.alpha),
                               epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                               semantic=SemanticConfig(weighting=self.weighting),
-                              depth=self.depth, seed=self.seed, device=self.device)
+                              depth=self.depth, seed=self.seed,
+                              device=resolve_device(self.device))
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("pretrain"), **RETRYING_TASK)
 def pretrain_task(settings: Settings, dataset_id: int, params: PretrainParams
                   ) -> pretrain.PretrainRun:
     """All epochs; a retry (or a rerun after a crash) resumes from the last stored epoch."""
@@ -70,7 +80,7 @@ def register_encoder(settings: Settings, run: pretrain.PretrainRun, params: Pret
                                         params.alias, {}, {}, run_id=run.mlflow_run_id)
 
 
-@flow(name="guided_pretrain", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("guided_pretrain"))
 def guided_pretrain(params: PretrainParams) -> dict[str, Any]:
     """Pre-train a ViT encoder as a masked autoencoder with keypoint-guided masking."""
     settings = Settings()

@@ -11,10 +11,10 @@ from pydantic import BaseModel, Field
 
 from flows.attention_analysis import AnalysisParams, attention_analysis
 from flows.common import (
-    RUN_HOOKS,
     DataParams,
     ParentRun,
     artifact_key,
+    flow_options,
     lineage,
     make_task_runner,
     parent_run,
@@ -47,7 +47,7 @@ class ModelAuditParams(AnalysisParams):
         return kind(**self.model_dump(include=set(kind.model_fields)))
 
 
-@flow(name="model_audit", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("model_audit"))
 def model_audit(params: ModelAuditParams) -> dict[str, Any]:
     """Audit a model on a data set: keypoints, the interrelation analysis and, when the data
     carry labels (a benchmark folder or one sub-folder per class), the shortcut audit."""

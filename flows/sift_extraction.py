@@ -8,14 +8,15 @@ from prefect import flow, task, unmapped
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
     content_of,
+    flow_options,
     make_task_runner,
     publish,
     register_inputs,
     rejected_files,
     shards,
+    task_namer,
     totals,
     tracked,
 )
@@ -25,7 +26,7 @@ from vitsem.platform.settings import Settings
 from vitsem.render.markdown import summary_markdown
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("sift"), **RETRYING_TASK)
 def sift_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                params: DataParams) -> ShardReport:
     return keypoints.sift_shard(settings, dataset_id, shard, paths, params.model,
@@ -40,7 +41,7 @@ def run_sift(settings: Settings, dataset_id: int, paths: list[str], params: Data
     return [f.result() for f in futures]
 
 
-@flow(name="sift_extraction", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("sift_extraction"))
 def sift_extraction(params: DataParams) -> dict[str, Any]:
     """Extract and store SIFT keypoints for every image; already stored ones are skipped."""
     settings = Settings()

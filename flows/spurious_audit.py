@@ -12,16 +12,17 @@ from pydantic import Field
 
 from flows.common import (
     RETRYING_TASK,
-    RUN_HOOKS,
     DataParams,
     announce,
     artifact_key,
     content_of,
+    flow_options,
     lineage,
     make_task_runner,
     publish,
     register_inputs,
     rejected_files,
+    task_namer,
     totals,
     tracked,
     with_registered_weights,
@@ -66,7 +67,7 @@ class AuditParams(DataParams):
         return replace(cfg, maps=tuple(self.maps)) if self.maps else cfg
 
 
-@task(**RETRYING_TASK)
+@task(task_run_name=task_namer("audit"), **RETRYING_TASK)
 def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
               params: AuditParams) -> AuditReport:
     audited, heldout = audit.split_heldout(images, params.repair_holdout)
@@ -95,7 +96,7 @@ def register_repair(settings: Settings, report: AuditReport, run_id: str) -> str
                                         "accuracy", "worst_group_accuracy")})
 
 
-@flow(name="spurious_audit", task_runner=make_task_runner(), **RUN_HOOKS)
+@flow(task_runner=make_task_runner(), **flow_options("spurious_audit"))
 def spurious_audit(params: AuditParams) -> dict[str, Any]:
     """Find the shortcuts a classifier relies on, confirm them by token removal, and
     measure what removing them at inference does to accuracy and worst-group accuracy."""

@@ -107,15 +107,17 @@ class MotoServer:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``down()`` closes the listening socket so
-    clients get 'connection refused' until ``up()``: an endpoint that is down for a while."""
+    """Forwards 127.0.0.1:<port> to a target; ``down()`` closes the listening socket and every
+    open connection, so clients get 'connection refused' (or a reset on a kept-alive
+    connection) until ``up()``: an endpoint that is down for a while."""
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: socket.socket | None = None
-        self._stop = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
         self.up()
 
     def up(self) -> None:
@@ -130,8 +132,24 @@ class TcpProxy:
 
     def down(self) -> None:
         if self._server is not None:
+            try:
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
             self._server.close()
             self._server = None
+        with self._lock:
+            conns, self._open = list(self._open), set()
+        for s in conns:
+            self._close(s)
+
+    @staticmethod
+    def _close(s: socket.socket) -> None:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
 
     def _accept(self, srv: socket.socket) -> None:
         while True:
@@ -139,12 +157,20 @@ class TcpProxy:
                 client, _ = srv.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            if self._server is not srv:
+                self._close(client)
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                self._close(client)
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
@@ -156,3 +182,29 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class ResettingServer:
+    """Accepts TCP connections and closes each at once, counting them: an endpoint whose
+    every request fails in transit, where the count is the number of attempts made."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            client.close()
+
+    def close(self) -> None:
+        self._srv.close()

@@ -1,6 +1,6 @@
 """End to end against real servers: an MLflow tracking server (PostgreSQL backend, S3
-artifacts on a moto server) and a Prefect server with the deployments served and triggered
-the way a user would."""
+artifacts on a moto server) and a Prefect server, the deployments of prefect.yaml deployed
+and run through a worker the way production does."""
 
 from __future__ import annotations
 
@@ -99,58 +99,82 @@ def test_analysis_tracked_on_an_mlflow_server(
     assert SECRET not in asyncio.run(artifacts())
 
 
-def test_scheduled_audit_deployment_triggered_from_the_cli(
-        images: Path, small_checkpoint: Path, tmp_path: Path) -> None:
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "VITSEM_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "COLUMNS": "300"}  # wide enough that the CLI tables do not truncate states
-    for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI", "VITSEM_MLFLOW_TRACKING_URI"):
-        env.pop(var, None)
+def test_scheduled_audit_deployed_from_prefect_yaml_runs_through_a_worker(
+        images: Path, small_checkpoint: Path, moto: MotoServer, tmp_path: Path) -> None:
+    """`scripts/stack.sh up`: a Prefect server, an MLflow server (PostgreSQL, artifacts on
+    the S3 endpoint), `prefect deploy --all` from prefect.yaml and a worker on the `vitsem`
+    process pool; the scheduled audit, triggered from the CLI, runs through the worker."""
+    import boto3
+
+    bucket = "vitsem-stack"
+    moto.create_bucket(bucket)
     bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT)
-    serve = None
-    try:
-        wait_for_port(port, 180, server)
-        serve = subprocess.Popen([str(bin_dir / "vitsem"), "serve", "--data", str(images),
-                                  "--checkpoint", str(small_checkpoint)], env=env,
-                                 stdout=(tmp_path / "serve.log").open("w"),
-                                 stderr=subprocess.STDOUT)
+    root = Path(__file__).resolve().parents[1]
+    with postgres_database() as vitsem_db, postgres_database() as mlflow_db:
+        env = {**os.environ, **moto.env(), "PREFECT_HOME": str(tmp_path / "prefect"),
+               "VITSEM_HOME": str(tmp_path / "home"), "VITSEM_DATABASE_URL": vitsem_db,
+               "VITSEM_ARTIFACT_URI": f"s3://{bucket}/artifacts",
+               "MLFLOW_BACKEND_STORE_URI": mlflow_db,
+               "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow",
+               "VITSEM_STACK_DIR": str(tmp_path / "stack"), "VITSEM_BIN": str(bin_dir),
+               "VITSEM_PREFECT_PORT": str(free_port()), "VITSEM_MLFLOW_PORT": str(free_port()),
+               "VITSEM_STACK_DEPLOY": "scheduled-audit",  # each deploy imports its flow
+               "COLUMNS": "300"}  # wide enough that the CLI tables do not truncate states
+        env.pop("VITSEM_MLFLOW_TRACKING_URI", None)
+        stack = [str(root / "scripts" / "stack.sh")]
 
-        def prefect(*args: str) -> str:
-            return subprocess.run([str(bin_dir / "prefect"), *args], env=env, check=True,
-                                  capture_output=True, text=True, timeout=120).stdout
+        def logs() -> str:
+            return "\n".join(f"--- {f.name}\n{f.read_text()[-2500:]}"
+                             for f in sorted((tmp_path / "stack").glob("*.log")))
 
-        deadline = time.monotonic() + 180
-        while "scheduled-audit" not in prefect("deployment", "ls"):
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "deployment never appeared"
-            time.sleep(2)
-        inspect = prefect("deployment", "inspect", "model_audit/scheduled-audit")
-        assert "0 3 * * *" in inspect  # the cron schedule
-        prefect("deployment", "run", "model_audit/scheduled-audit")
-        deadline = time.monotonic() + 400
-        while True:
-            runs = json.loads(prefect("flow-run", "ls", "--flow-name", "model_audit", "-o",
-                                      "json"))
-            states = [r.get("state_type") or r.get("state", {}).get("type") for r in runs]
-            if "COMPLETED" in states:
-                break
-            assert "FAILED" not in states and "CRASHED" not in states, (
-                str(runs) + (tmp_path / "serve.log").read_text()[-4000:])
-            assert time.monotonic() < deadline, states
-            time.sleep(3)
-        db = tmp_path / "home" / "vitsem.db"
-        eng = sa.create_engine(f"sqlite:///{db}")
+        try:
+            t = time.monotonic()
+            up = subprocess.run([*stack, "up"], env=env, capture_output=True, text=True,
+                                timeout=400)
+            assert up.returncode == 0, up.stderr + logs()
+            print(f"stack.sh up: {time.monotonic() - t:.0f} s")
+            exports = dict(line.removeprefix("export ").split("=", 1)
+                           for line in up.stdout.splitlines() if line.startswith("export "))
+            env.update(exports)
+
+            def prefect(*args: str) -> str:
+                return subprocess.run([str(bin_dir / "prefect"), *args], env=env, check=True,
+                                      capture_output=True, text=True, timeout=120).stdout
+
+            inspect = prefect("deployment", "inspect", "model_audit/scheduled-audit")
+            assert "0 3 * * *" in inspect and "'vitsem'" in inspect  # schedule, pool
+            prefect("deployment", "run", "model_audit/scheduled-audit", "--params", json.dumps(
+                {"params": {"data": str(images), "checkpoint": str(small_checkpoint)}}))
+            deadline = time.monotonic() + 400
+            while True:
+                runs = json.loads(prefect("flow-run", "ls", "--flow-name", "model_audit",
+                                          "-o", "json"))
+                states = [r.get("state_type") or r.get("state", {}).get("type") for r in runs]
+                if "COMPLETED" in states:
+                    break
+                assert "FAILED" not in states and "CRASHED" not in states, str(runs) + logs()
+                assert time.monotonic() < deadline, str(states) + logs()
+                time.sleep(3)
+            (done,) = [r for r in runs if (r.get("state_type") or r["state"]["type"])
+                       == "COMPLETED"]
+            assert done["work_pool_name"] == "vitsem"  # picked from the pool by the worker
+            assert done["name"] == f"model_audit: tiny on {images.name}"
+            assert "Worker" in (tmp_path / "stack" / "worker.log").read_text()
+        finally:
+            subprocess.run([*stack, "down"], env=env, capture_output=True, timeout=120)
+        eng = sa.create_engine(vitsem_db)
         with eng.connect() as c:
-            flows = c.execute(sa.text("SELECT flow_name, status FROM flow_runs")).all()
+            flows = set(c.execute(sa.text("SELECT flow_name, status FROM flow_runs")).all())
         eng.dispose()
-        assert ("sift_extraction", "completed") in flows
-        assert ("attention_analysis", "completed") in flows
-    finally:
-        if serve is not None:
-            stop(serve)
-        stop(server)
+        assert {("model_audit", "completed"), ("sift_extraction", "completed"),
+                ("attention_analysis", "completed")} <= flows
+        creds = moto.env()
+        s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
+                          aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert any(k.startswith("artifacts/keypoints/") for k in keys)
+        # The runs' MLflow artifacts, beside the project's (vitsem.platform.tracking).
+        assert any(k.startswith("artifacts/mlflow/") for k in keys), keys[:20]
+    for name in ("worker", "mlflow", "prefect-server"):  # `down` stopped everything
+        assert not (tmp_path / "stack" / f"{name}.pid").exists()

@@ -183,24 +183,28 @@ def test_reports_in_store_and_summary(folder: Path, home: Path, small_checkpoint
     assert len(out["layer_profile"]) == 2
 
 
-def test_s3_outage_during_a_flow_is_retried_and_the_flow_completes(
+def test_s3_outage_longer_than_any_retry_window_ends_with_the_flow_completed(
         folder: Path, small_checkpoint: Path, moto: MotoServer, s3_bucket: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     proxy = TcpProxy(moto.port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/outage")
-    # The endpoint is down from before the flow starts until 4 s after the store's first
-    # refused request (Prefect's start-up time varies, so a fixed timer may end the outage
-    # before any request is made); 90 s at most, so a test that never reaches S3 ends.
-    retries: list[str] = []
-    first_failure: list[float] = []
+    # The endpoint is down from before the flow starts until OUTAGE s after botocore first
+    # gave up (Prefect's start-up time varies, so a fixed timer may end the outage before
+    # any request is made); 90 s at most, so a test that never reaches S3 ends. OUTAGE is
+    # longer than botocore's whole window (4 attempts, < 0.4 s of backoff on connection
+    # errors) and than Prefect's first retry delay (2 s +- 50%).
+    outage = 6.0
+    gave_up: list[float] = []
 
     def on_store_warning(record: logging.LogRecord) -> None:
-        retries.append(record.getMessage())
-        if not first_failure:
-            first_failure.append(time.monotonic())
-            threading.Timer(4.0, proxy.up).start()
+        if not gave_up:
+            gave_up.append(time.monotonic())
+            threading.Timer(outage, proxy.up).start()
 
     recorder = logging.Handler(logging.WARNING)
     recorder.emit = on_store_warning  # type: ignore[method-assign]
@@ -210,15 +214,29 @@ def test_s3_outage_during_a_flow_is_retried_and_the_flow_completes(
     fallback = threading.Timer(90.0, proxy.up)
     fallback.start()
     try:
-        out = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
-                                         shard_size=4))
+        state = sift_extraction(DataParams(data=str(folder), checkpoint=str(small_checkpoint),
+                                           shard_size=4), return_state=True)
     finally:
         store_log.removeHandler(recorder)
         fallback.cancel()
+    assert gave_up, "no S3 call failed: the outage was never hit"
+    assert time.monotonic() - gave_up[0] >= outage
+    assert state.is_completed()
+    out = state.result()
     assert out["computed"] == 12 and out["rejected"] == 2
-    # The outage was really hit (the store retried refused requests) and waited out.
-    assert first_failure, "no S3 request failed: the outage was never hit"
-    assert time.monotonic() - first_failure[0] >= 4.0
+    # Prefect retried the tasks that met the outage (run_count > 1), with backoff.
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        flow_run_name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert max(r.run_count for r in runs) >= 2
+    assert all(r.state is not None and r.state.is_completed() for r in runs)
+    # Run names say what runs: flow, model, data set, shard.
+    assert flow_run_name == "sift_extraction: tiny on imgs"
+    assert {f"sift: tiny on imgs shard {i}" for i in range(3)} <= {r.name for r in runs}
+    # Every image accounted for once.
+    counts = _counts(Settings().resolved_database_url())
+    assert counts["images"] == 14 and counts["keypoint_sets"] == 12 and counts["rejected"] == 2
 
 
 def test_permanent_store_fault_fails_clearly_and_loses_nothing(

@@ -93,3 +93,19 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(1)}, str(plain))
     with pytest.raises(CheckpointError, match="name the architecture"):
         load_model(checkpoint=plain)
+
+
+def test_device_auto_is_cuda_when_present_and_bad_devices_are_refused() -> None:
+    from flows.attention_analysis import AnalysisParams
+    from flows.guided_pretrain import PretrainParams
+    from vitsem.errors import ConfigError
+    from vitsem.method.models import resolve_device
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == here
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    assert AnalysisParams(data="x").config().device == here  # the flows' default is auto
+    assert PretrainParams(data="x").config().device == here
+    assert AnalysisParams(data="x", device="cpu").config().device == "cpu"

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from tests.services import MotoServer, TcpProxy, postgres_database
+from tests.services import MotoServer, ResettingServer, TcpProxy, postgres_database
+from vitsem.errors import TransientServiceError
 from vitsem.platform.settings import Settings, redact
 from vitsem.platform.storage.artifacts import (
+    DEFAULT_S3_ATTEMPTS,
     ArtifactConflictError,
     ArtifactStoreError,
+    ArtifactStoreUnavailableError,
     LocalArtifactStore,
     S3ArtifactStore,
     content_key,
@@ -80,28 +82,59 @@ def test_s3_store_round_trip(s3_bucket: str) -> None:
     store.put("a/b.bin", b"other")  # and are then the stored content
 
 
-def test_s3_transient_outage_is_retried(moto: MotoServer, s3_bucket: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_transient_faults_are_retried_by_botocore_only_then_surface_as_retryable(
+        moto: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every connection is accepted and closed: botocore's standard mode retries it, and
+    # the number of connections is the number of attempts of the one retry layer.
+    resetting = ResettingServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", resetting.url)
+    store = S3ArtifactStore(f"s3://{s3_bucket}/x")
+    t = time.monotonic()
+    with pytest.raises(ArtifactStoreUnavailableError, match=r"after 4 attempts.*is the endpoint"
+                       ) as e:
+        store.put("k", b"1")
+    resetting.close()
+    assert isinstance(e.value, TransientServiceError)  # what the flows' tasks retry
+    assert resetting.connections == DEFAULT_S3_ATTEMPTS == 4  # one head, no loop around it
+    assert time.monotonic() - t < 10  # the store waits for nothing itself
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert S3ArtifactStore(f"s3://{s3_bucket}/x").retries == {"mode": "adaptive",
+                                                             "total_max_attempts": 2}
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    # An endpoint that is down for a while, then back: the same store works again.
     proxy = TcpProxy(moto.port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    store = S3ArtifactStore(f"s3://{s3_bucket}/x", retry_seconds=60)
+    store = S3ArtifactStore(f"s3://{s3_bucket}/x")
     store.put("before", b"1")
     proxy.down()
-    threading.Timer(4.0, proxy.up).start()
-    t = time.monotonic()
-    store.put("during", b"2")  # refused for ~4 s, then goes through
-    assert time.monotonic() - t >= 3.5
+    with pytest.raises(ArtifactStoreUnavailableError, match=r"ConnectionError|ConnectTimeout"):
+        store.put("during", b"2")
+    proxy.up()
+    store.put("during", b"2")
     assert store.get("during") == b"2" and store.get("before") == b"1"
 
 
-def test_s3_permanent_faults_fail_clearly(moto: MotoServer, s3_bucket: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ArtifactStoreError, match="permanently") as e:
+def test_s3_permanent_faults_fail_at_once_saying_what_to_fix(
+        moto: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = time.monotonic()
+    with pytest.raises(ArtifactStoreError, match=r"permanently.*NoSuchBucket.*bucket name") as e:
         S3ArtifactStore("s3://no-such-bucket-here/x").put("k", b"1")
+    assert not isinstance(e.value, TransientServiceError)
     assert "testing-secret-key" not in str(e.value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
-    with pytest.raises(ArtifactStoreError, match="kept failing"):
-        S3ArtifactStore(f"s3://{s3_bucket}/x", retry_seconds=2).put("k", b"1")
+    with pytest.raises(ArtifactStoreError, match="invalid artifact key"):
+        S3ArtifactStore(f"s3://{s3_bucket}/x").put("../k", b"1")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ArtifactStoreError, match="no usable credentials: set AWS_ACCESS_KEY_ID"
+                       ) as e:
+        S3ArtifactStore(f"s3://{s3_bucket}/x").put("k", b"1")
+    assert not isinstance(e.value, TransientServiceError)
+    assert time.monotonic() - t < 10
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

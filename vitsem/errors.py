@@ -92,3 +92,9 @@ class ProbeDataError(PretrainInputError):
 class RegistryError(CheckpointError):
     """A ``models:/`` reference that does not resolve: malformed, an unknown registered model,
     version or alias, or a version without a vitsem checkpoint."""
+
+
+class TransientServiceError(VitsemError):
+    """A service fault that may pass: an endpoint that is unreachable, timing out, throttling
+    or answering 5xx after the client's own retries. The flows' tasks retry it with backoff;
+    every other vitsem error is permanent (retrying it only delays the failure)."""

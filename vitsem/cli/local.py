@@ -179,7 +179,8 @@ def analyze(
                        ] = None,
     examples: Annotated[int, typer.Option(help="Images drawn as attention pictures.")] = 4,
     split: SplitOpt = "test",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")
+                      ] = "auto",
 ) -> None:
     """Weighted patch interrelation analysis of every layer and head.
 
@@ -187,13 +188,14 @@ def analyze(
     under $VITSEM_HOME, default ./vitsem-work). Writes stats.json, per_image.parquet,
     rejected.jsonl and PNG pictures to --out, and prints the semantic layer profile."""
     from vitsem.method.concentration import SemanticConfig
+    from vitsem.method.models import resolve_device
     from vitsem.method.pipeline import AnalysisConfig, analyze_images
     from vitsem.paths import path_text
     from vitsem.render.files import PerImageWriter, stats_document, write_pictures, write_rejected
 
     cfg = AnalysisConfig(semantic=SemanticConfig(weighting=weighting, levels=levels),
                          batch_size=batch_size, workers=workers, num_examples=examples,
-                         device=device)
+                         device=resolve_device(device))
     cfg.validate()
     net, spec = load(model, checkpoint, pretrained)
     found = inputs_of(inputs, split)

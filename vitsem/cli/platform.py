@@ -103,7 +103,8 @@ def pretrain(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
     limit: Annotated[int | None, typer.Option(help="Training images at most.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")
+                      ] = "auto",
 ) -> None:
     """Keypoint-guided MAE pre-training (the `guided_pretrain` flow).
 
@@ -165,36 +166,56 @@ def show_settings() -> None:
 
 @command()
 def serve(
-    data: Annotated[Path | None, typer.Option(help="Data set the audit runs on.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data set the deployments run on.")] = None,
     checkpoint: CheckpointOpt = None,
     model: ModelOpt = None,
-    cron: Annotated[str, typer.Option(help="Schedule of the model audit.")] = AUDIT_CRON,
+    cron: Annotated[str | None, typer.Option(
+        help="Schedule of the scheduled audit; default: prefect.yaml's.")] = None,
 ) -> None:
-    """Serve the flows as Prefect deployments (scheduled audit and on-demand runs).
+    """Serve the deployments of prefect.yaml without a work pool (local development).
 
-    Serves `model_audit/scheduled-audit` on a cron schedule, plus `sift_extraction/on-demand`,
-    `attention_analysis/on-demand`, `spurious_audit/on-demand` and
-    `guided_pretrain/on-demand` to trigger from the Prefect UI or
-    `prefect deployment run`. Needs PREFECT_API_URL (a Prefect server)."""
-    from prefect import serve as prefect_serve
+    prefect.yaml is the one source of the deployments (`prefect deploy --all` for
+    production workers): the scheduled `model_audit/scheduled-audit` and the on-demand
+    `sift_extraction/sift-on-demand`, `attention_analysis/analysis-on-demand`,
+    `spurious_audit/audit-on-demand`, `guided_pretrain/pretrain-on-demand`, to trigger from
+    the Prefect UI or `prefect deployment run`, with --data/--model/--checkpoint replacing
+    the file's paths. Needs PREFECT_API_URL (a Prefect server)."""
+    from flows.deployments import runner_deployments
 
-    from flows.attention_analysis import attention_analysis
-    from flows.guided_pretrain import guided_pretrain
-    from flows.model_audit import model_audit
-    from flows.sift_extraction import sift_extraction
-    from flows.spurious_audit import spurious_audit
+    serve_until_terminated(runner_deployments(data_and_model(data, checkpoint, model), cron))
 
-    params = {"params": data_and_model(data, checkpoint, model)}
-    deployments: list[Any] = [
-        guided_pretrain.to_deployment(name="on-demand", parameters={
-            "params": {"data": params["params"]["data"]}}),
-        spurious_audit.to_deployment(name="on-demand", parameters=params),
-        model_audit.to_deployment(name="scheduled-audit", cron=cron, parameters=params,
-                                  description="Nightly audit of the configured model"),
-        sift_extraction.to_deployment(name="on-demand", parameters=params),
-        attention_analysis.to_deployment(name="on-demand", parameters=params),
-    ]
-    prefect_serve(*deployments)
+
+SERVE_GRACE_SECONDS = 8.0
+"""How long `vitsem serve` may take to stop after SIGTERM (its flow runs get
+``SHUTDOWN_GRACE_SECONDS`` of it): under 10 s, also while the Prefect API is unreachable."""
+
+
+def serve_until_terminated(deployments: list[Any]) -> None:
+    """Serve ``deployments`` with Prefect's runner until SIGTERM or Ctrl-C. On SIGTERM the
+    runner's own graceful stop (cancel runs, pause schedules: API calls) is bounded: the
+    flow-run processes are told to stop at once and the process exits after
+    ``SERVE_GRACE_SECONDS`` whatever is still waiting on the API."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    from vitsem.platform.shutdown import exit_within, terminate_children
+
+    class BoundedRunner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            exit_within(SERVE_GRACE_SECONDS)
+            terminate_children()
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = BoundedRunner(pause_on_shutdown=True)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    console.print("Serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments))
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        console.print(f"{type(e).__name__}: stopped")
 
 
 @command()

@@ -25,7 +25,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
-from vitsem.errors import CheckpointError, UnknownModelError
+from vitsem.errors import CheckpointError, ConfigError, UnknownModelError
 
 SPEC_METADATA_KEY = "vitsem_model_spec"
 
@@ -364,3 +364,15 @@ def load_model(model: str | None = None, checkpoint: str | Path | None = None, *
     if checkpoint is not None:
         apply_state_dict(net, read_state_dict(checkpoint), str(checkpoint))
     return net.eval(), spec
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is ``cuda`` when a CUDA device is present, else ``cpu``; any other value must
+    be a device torch knows (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    return device

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 
 from vitsem.platform.services.context import context
 from vitsem.platform.settings import Settings
+from vitsem.platform.shutdown import exit_within
 from vitsem.platform.storage.db import FlowRun
 
 log = logging.getLogger("vitsem.platform.runs")
@@ -158,6 +159,8 @@ def tracked_run(settings: Settings, flow_name: str, parameters: dict[str, Any],
     try:
         yield run
     except BaseException as e:
+        if type(e).__name__ == "TerminationSignal":  # SIGTERM: record the end, then go
+            exit_within()
         heartbeat.stop()
         status = _status_of(e)
         log.warning("%s run %d %s: %s", flow_name, run.id, status, type(e).__name__)
@@ -165,6 +168,18 @@ def tracked_run(settings: Settings, flow_name: str, parameters: dict[str, Any],
         raise
     heartbeat.stop()
     close_run(settings, run.id, "completed", run.summary, run.mlflow_run_id)
+
+
+def closed_by_signal(settings: Settings, within_hours: float = 24.0, limit: int = 100
+                     ) -> dict[str, str]:
+    """Prefect flow run id -> status of recent runs closed ``crashed`` or ``cancelled``:
+    the ones whose Prefect state may still read Running if its API was down at the time."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=within_hours)
+    with context(settings).meta.session() as s:
+        rows = s.execute(select(FlowRun.prefect_flow_run_id, FlowRun.status).where(
+            FlowRun.status.in_(("crashed", "cancelled")), FlowRun.prefect_flow_run_id != "",
+            FlowRun.finished_at >= since).order_by(FlowRun.id.desc()).limit(limit)).all()
+    return {str(pid): str(status) for pid, status in rows}
 
 
 def mark_prefect_run(settings: Settings, prefect_flow_run_id: str, status: str) -> int:

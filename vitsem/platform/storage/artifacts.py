@@ -11,14 +11,14 @@ import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 from vitsem.digests import sha256_bytes
-from vitsem.errors import VitsemError
+from vitsem.errors import TransientServiceError, VitsemError
+from vitsem.platform.settings import redact
 
 T = TypeVar("T")
 
@@ -37,6 +37,11 @@ class ArtifactConflictError(ArtifactStoreError):
 
 class ArtifactNotFoundError(ArtifactStoreError):
     """No artifact under that key."""
+
+
+class ArtifactStoreUnavailableError(ArtifactStoreError, TransientServiceError):
+    """The store's endpoint failed in a way that may pass (unreachable, timeouts, throttling,
+    5xx) after the client's own retries: the flows' tasks retry it later."""
 
 
 def validate_key(key: str) -> str:
@@ -122,23 +127,51 @@ class LocalArtifactStore:
 DEFAULT_S3_CONNECTIONS = 10
 """botocore's own default pool size."""
 
-_PERMANENT_S3_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
-                       "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled"}
+DEFAULT_S3_ATTEMPTS = 4
+"""Attempts per S3 call, the first included (``AWS_MAX_ATTEMPTS`` overrides it)."""
+
+_PERMANENT_S3_ADVICE = {
+    "NoSuchBucket": "the bucket does not exist: check the bucket name in VITSEM_ARTIFACT_URI "
+                    "or create the bucket",
+    "InvalidBucketName": "check the bucket name in VITSEM_ARTIFACT_URI",
+    "AccessDenied": "the credentials may not use this bucket: grant them s3:GetObject, "
+                    "s3:PutObject and s3:ListBucket on it, or check the bucket name",
+    "AllAccessDisabled": "access to the bucket is disabled: check the bucket name",
+    "InvalidAccessKeyId": "the access key is unknown to the endpoint: check AWS_ACCESS_KEY_ID "
+                          "and AWS_ENDPOINT_URL",
+    "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
+    "403": "the credentials are refused or may not read this bucket: check "
+           "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket's policy",
+}
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
+
+def _retry_config() -> dict[str, object]:
+    """botocore's retries, the only low-level retry layer: ``standard`` mode (exponential
+    backoff with jitter on connection errors, timeouts, throttling and 5xx) or ``adaptive``
+    (the same plus client-side rate limiting), from ``AWS_RETRY_MODE``; ``legacy`` is not
+    used. Faults that outlast them surface as :class:`ArtifactStoreUnavailableError`."""
+    mode = os.environ.get("AWS_RETRY_MODE", "standard")
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    return {"mode": mode if mode in ("standard", "adaptive") else "standard",
+            "total_max_attempts": int(attempts) if attempts.isdigit() and int(attempts) > 0
+            else DEFAULT_S3_ATTEMPTS}
 
 
 class S3ArtifactStore:
     """S3 or any S3-compatible server (MinIO, moto). Endpoint, region and credentials come
     from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
 
-    Transient faults (connection refused, timeouts, throttling, 5xx) are retried with
-    exponential backoff for up to ``retry_seconds``; permanent ones raise at once. One client
-    serves every thread of the process: its connection pool holds ``max_connections`` (size
-    it to the task concurrency, or urllib3 drops connections with "Connection pool is
-    full").
+    botocore retries transient faults (connection refused, timeouts, throttling, 5xx) in
+    its ``standard`` mode and nothing else does here: a fault that outlasts them raises
+    :class:`ArtifactStoreUnavailableError` (retryable: the flows' tasks retry it with
+    backoff), a permanent one (bad credentials, missing bucket) :class:`ArtifactStoreError`
+    at once, saying what to fix. One client serves every thread of the process: its
+    connection pool holds ``max_connections`` (size it to the task concurrency, or urllib3
+    drops connections with "Connection pool is full").
     """
 
-    def __init__(self, uri: str, *, retry_seconds: float = 60.0,
-                 max_connections: int = DEFAULT_S3_CONNECTIONS) -> None:
+    def __init__(self, uri: str, *, max_connections: int = DEFAULT_S3_CONNECTIONS) -> None:
         import boto3
         from botocore.config import Config
 
@@ -150,11 +183,13 @@ class S3ArtifactStore:
         if self.prefix:
             validate_key(self.prefix)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.retry_seconds = retry_seconds
         self.max_connections = max(1, int(max_connections))
-        self._client = boto3.client("s3", config=Config(
-            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30,
+        self.retries = _retry_config()
+        # Its own session: credentials are resolved for this store, not cached process-wide.
+        self._client = boto3.session.Session().client("s3", config=Config(
+            retries=self.retries, connect_timeout=3, read_timeout=30,
             max_pool_connections=self.max_connections))
+        self.endpoint = self._client.meta.endpoint_url
 
     def _key(self, key: str) -> str:
         validate_key(key)
@@ -164,34 +199,46 @@ class S3ArtifactStore:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError
+        """``fn()`` once (botocore retries inside it); its faults as typed errors."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as S3ConnectionError
 
-        delay, deadline = 0.5, time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                return fn()
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                if code in _PERMANENT_S3_CODES or (400 <= status < 500 and status != 429):
-                    if code in ("404", "NoSuchKey", "NotFound"):
-                        raise
-                    raise ArtifactStoreError(
-                        f"S3 {what} failed permanently on {self.uri}: {code or status}; check "
-                        "the bucket name and credentials"
-                    ) from None
-                err: Exception = e
-            except BotoCoreError as e:  # connection refused, timeouts, ...
-                err = e
-            if time.monotonic() + delay > deadline:
+        try:
+            return fn()
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in _NOT_FOUND_CODES:
+                raise
+            if code in _PERMANENT_S3_ADVICE or (400 <= status < 500 and status != 429):
+                advice = _PERMANENT_S3_ADVICE.get(
+                    code, "check the bucket name, the key and the credentials")
                 raise ArtifactStoreError(
-                    f"S3 {what} on {self.uri} kept failing for {self.retry_seconds:.0f} s "
-                    f"({type(err).__name__}); is the endpoint up?"
-                ) from None
-            log.warning("S3 %s on %s failed (%s); retrying in %.1f s", what, self.uri,
-                        type(err).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+                    f"S3 {what} failed permanently on {self.uri} ({code or status}): "
+                    f"{advice}") from None
+            err = f"{code or status}"
+        except (NoCredentialsError, PartialCredentialsError):
+            raise ArtifactStoreError(
+                f"S3 {what} on {self.uri} has no usable credentials: set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY (or an AWS profile)") from None
+        except (S3ConnectionError, HTTPClientError) as e:  # refused, timeouts, resets
+            err = type(e).__name__
+        except BotoCoreError as e:
+            raise ArtifactStoreError(
+                f"S3 {what} on {self.uri} cannot be made ({type(e).__name__}: "
+                f"{redact(str(e))}); check AWS_ENDPOINT_URL and AWS_DEFAULT_REGION") from None
+        log.warning("S3 %s on %s failed after %s attempts (%s); the task will be retried",
+                    what, self.uri, self.retries["total_max_attempts"], err)
+        raise ArtifactStoreUnavailableError(
+            f"S3 {what} on {self.uri} failed after {self.retries['total_max_attempts']} "
+            f"attempts ({err}); is the endpoint {self.endpoint} up? The task is retried "
+            "later; rerun the flow once the endpoint is back") from None
 
     def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
@@ -200,8 +247,7 @@ class S3ArtifactStore:
             try:
                 return self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as e:
-                if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey",
-                                                                   "NotFound"):
+                if str(e.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES:
                     return None
                 raise
 
