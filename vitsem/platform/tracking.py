@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitsem.audit.verdicts import Verdict, relied_on
 from vitsem.method.models import model_checksum, read_checkpoint_spec
 from vitsem.method.pipeline import AnalysisResult
 from vitsem.platform.history import AuditEvent, AuditRecord, audit_events, audit_history
@@ -27,6 +26,12 @@ from vitsem.platform.registry import (
 )
 from vitsem.platform.settings import Settings, redact
 from vitsem.platform.storage.db import serialised
+from vitsem.platform.summaries import (
+    analysis_scalars,
+    audit_scalars,
+    metric_name,
+    relied_on_signatures,
+)
 
 log = logging.getLogger("vitsem.platform.tracking")
 
@@ -177,51 +182,6 @@ def log_analysis(settings: Settings, flow_name: str, params: dict[str, Any],
     return run_id
 
 
-def _metric_name(*parts: str) -> str:
-    # MLflow metric names allow letters, digits, "_", "-", ".", " " and "/" only.
-    return ".".join(p.replace(":", "-") for p in parts)
-
-
-def analysis_scalars(result: AnalysisResult) -> dict[str, float]:
-    """``summary.*`` scalars of an analysis: the largest and the mean layer semantic lift."""
-    lifts = [r["semantic_lift"] for r in result.layer_profile()
-             if r["semantic_lift"] == r["semantic_lift"]]
-    if not lifts:
-        return {}
-    return {"summary.max_semantic_lift": float(max(lifts)),
-            "summary.mean_semantic_lift": float(sum(lifts) / len(lifts))}
-
-
-UNREVIEWED = (Verdict.SHORTCUT.value, Verdict.REVIEW.value)
-"""Verdicts of a relied-on pattern nobody has reviewed yet."""
-
-
-def audit_scalars(summary: dict[str, Any], map_name: str = "semantic") -> dict[str, float]:
-    """``summary.*`` scalars of an audit, sortable in the runs table: accuracy and worst-group
-    accuracy of the model as it is, relied-on / unreviewed / reviewed-shortcut patterns of the
-    method's map, and each map's faithfulness (ABPC)."""
-    findings = summary["findings"].get(map_name, [])
-    verdicts = [f.get("verdict", "") for f in findings]
-    plain = summary["prompts"].get("none", {})
-    out = {"summary.relied_on_patterns": float(sum(relied_on(f) for f in findings)),
-           "summary.unreviewed_patterns": float(sum(v in UNREVIEWED for v in verdicts)),
-           "summary.reviewed_shortcuts": float(verdicts.count(Verdict.REVIEWED_SHORTCUT.value))}
-    for key in ("accuracy", "worst_group_accuracy"):
-        if plain.get(key) is not None:
-            out[f"summary.{key}"] = float(plain[key])
-    for name, faith in (summary.get("faithfulness") or {}).items():
-        if faith.get("abpc") == faith.get("abpc") and faith.get("abpc") is not None:
-            out[_metric_name("summary", "abpc", name)] = float(faith["abpc"])
-    return out
-
-
-def relied_on_signatures(summary: dict[str, Any], map_name: str = "semantic") -> list[str]:
-    """Signatures of the relied-on patterns of the method's map (what ``vitsem compare``
-    diffs between two audits)."""
-    return sorted({f["signature"] for f in summary["findings"].get(map_name, [])
-                   if relied_on(f) and f.get("signature")})
-
-
 def log_audit(settings: Settings, params: dict[str, Any], summary: dict[str, Any],
               files: list[Path], lineage: Lineage | None = None) -> str:
     """Log a spurious-correlation audit to a run of ``vitsem/spurious_audit``: accuracy and
@@ -240,12 +200,12 @@ def log_audit(settings: Settings, params: dict[str, Any], summary: dict[str, Any
         for prompt, o in summary["prompts"].items():
             for key in ("accuracy", "worst_group_accuracy", "clean_accuracy", "changed"):
                 if o.get(key) is not None:
-                    metrics.append(Metric(_metric_name("prompt", prompt, key), float(o[key]),
+                    metrics.append(Metric(metric_name("prompt", prompt, key), float(o[key]),
                                           ts, 0))
         for map_name, findings in summary["findings"].items():
-            metrics.append(Metric(_metric_name("candidates", map_name), float(len(findings)),
+            metrics.append(Metric(metric_name("candidates", map_name), float(len(findings)),
                                   ts, 0))
-            metrics.append(Metric(_metric_name("shortcuts", map_name),
+            metrics.append(Metric(metric_name("shortcuts", map_name),
                                   float(sum(f["shortcut"] for f in findings)), ts, 0))
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, _param(v)) for k, v in sorted(params.items())],
@@ -383,13 +343,13 @@ def log_audit_scores(settings: Settings, run_id: str, summary: dict[str, Any]) -
 
     client = _client(settings)
     ts = int(time.time() * 1000)
-    metrics = [Metric(_metric_name("faithfulness", m, "abpc"), float(f["abpc"]), ts, 0)
+    metrics = [Metric(metric_name("faithfulness", m, "abpc"), float(f["abpc"]), ts, 0)
                for m, f in summary.get("faithfulness", {}).items() if f["abpc"] == f["abpc"]]
     for method, o in summary.get("repairs", {}).items():
         for key in ("accuracy", "worst_group_accuracy", "gap_closed"):
             v = o.get(key)
             if v is not None and v == v:
-                metrics.append(Metric(_metric_name("repair", method, key), float(v), ts, 0))
+                metrics.append(Metric(metric_name("repair", method, key), float(v), ts, 0))
     if metrics:
         client.log_batch(run_id, metrics=metrics)
 
