@@ -37,6 +37,7 @@ def test_review_recorded_by_cli_carries_and_the_flow_registers_the_repair(
     from vitsem.cli import app
     from vitsem.platform.services.context import context
     from vitsem.platform.settings import Settings
+    from vitsem.platform.tracking import resolve_model
 
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
@@ -81,11 +82,13 @@ def test_review_recorded_by_cli_carries_and_the_flow_registers_the_repair(
     assert run.data.metrics["repair.dfr-pseudo.worst_group_accuracy"] == pytest.approx(
         repairs["dfr:pseudo"]["worst_group_accuracy"])
     assert "faithfulness.semantic.abpc" in run.data.metrics
-    assert "model/repaired-dfr-pseudo.safetensors" in {
-        a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    # The registered weights are the original model with a new head.
-    got = Path(client.download_artifacts(run.info.run_id, "model/repaired-dfr-pseudo.safetensors",
-                                         str(tmp_path)))
+    # The registered weights (an MLflow logged model of the audit's run) are the original
+    # model with a new head.
+    logged = client.get_logged_model(str(versions[0].source).removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
+    got_path, _ref = resolve_model(Settings(), f"models:/{family}/1")
+    got = Path(str(got_path))
+    assert got.name == "repaired-dfr-pseudo.safetensors"
     repaired, _ = load_model(None, got)
     original, _ = load_model(None, shortcut_model)
     assert not torch.equal(repaired.head.weight, original.head.weight)

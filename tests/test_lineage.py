@@ -160,6 +160,47 @@ def test_gate_promotes_through_the_registry_and_honours_a_hold(
     assert rows[0]["worst_group_change"] == pytest.approx(0.15)
 
 
+def test_a_registered_version_is_an_mlflow_model_that_loads_without_pickle(
+        small_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.pyfunc.load_model("models:/…@alias")`` rebuilds the network from its
+    safetensors file (any unpickling would raise here) and predicts as the checkpoint does."""
+    import pickle
+
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+    from mlflow import MlflowClient
+
+    from vitsem.method.models import load_model
+    from vitsem.platform.settings import Settings
+    from vitsem.platform.tracking import register_checkpoint
+
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITSEM_MLFLOW_TRACKING_URI", mlflow_uri)
+    _, version = register_checkpoint(Settings(), small_checkpoint, "tiny", "champion", {}, {})
+    client = MlflowClient(mlflow_uri)
+    mv = client.get_model_version("tiny", version)
+    logged_id = str(mv.source).removeprefix("models:/")
+    assert client.get_logged_model(logged_id).status == "READY"
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("unpickling while loading a vitsem model")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    mlflow.set_tracking_uri(mlflow_uri)
+    loaded = mlflow.pyfunc.load_model("models:/tiny@champion")
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    probs = loaded.predict(images)
+    net, _ = load_model(checkpoint=small_checkpoint)
+    inner = loaded._model_impl  # the loader module's object (VitsemPyfunc)
+    with torch.inference_mode():
+        want = net(inner._batch(images)).softmax(-1).numpy()
+    assert probs.shape == (3, want.shape[1])
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+
+
 def test_unknown_alias_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
     from vitsem.platform.settings import Settings

@@ -289,7 +289,10 @@ def test_guided_pretrain_killed_midway_resumes_and_matches_an_uninterrupted_run(
             assert resumed[step] == pytest.approx(value, abs=1e-5), (key, step)
     version = client.get_model_version_by_alias("vitsem-mae-encoder", "pretrained")
     assert version.run_id == whole["mlflow_run_id"]
-    arts = {a.path for a in client.list_artifacts(killed_run, "model")}
+    (killed_version,) = client.search_model_versions(f"run_id = '{killed_run}'")
+    logged = client.get_logged_model(str(killed_version.source).removeprefix("models:/"))
+    assert logged.source_run_id == killed_run
+    arts = {a.path for a in client.list_logged_model_artifacts(logged.model_id, "data")}
     assert any(p.endswith(".safetensors") for p in arts)
 
 

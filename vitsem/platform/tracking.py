@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -233,11 +234,14 @@ def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: 
                         params: dict[str, Any], metrics: dict[str, float],
                         run_id: str | None = None) -> tuple[str, str]:
     """Log a safetensors checkpoint to a run (``run_id``, or a new run of ``vitsem/train``)
-    and register it as a version of model ``name`` with ``alias``. Only weights travel:
-    nothing is pickled.
+    as an MLflow logged model (``python_function`` flavour, loadable with
+    ``mlflow.pyfunc.load_model``), and register it as a version of model ``name`` with
+    ``alias``. Only weights travel: nothing is pickled.
 
     Returns (run id, model version)."""
     from mlflow.entities import Metric, Param
+
+    from vitsem.platform.mlflow_flavor import save_pyfunc
 
     client = _client(settings)
     if run_id is None:
@@ -246,16 +250,22 @@ def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: 
         ts = int(run.info.start_time)
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
                          params=[Param(k, _param(v)) for k, v in sorted(params.items())])
-    client.log_artifact(run_id, str(checkpoint), artifact_path="model")
+    spec = read_checkpoint_spec(checkpoint)
+    tags = {CHECKSUM_TAG: model_checksum(spec, checkpoint)} if spec is not None else {}
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id,
+                                        name="model", source_run_id=run_id, tags=tags,
+                                        model_type="vitsem")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = save_pyfunc(checkpoint, Path(scratch) / "model", model_id=logged.model_id)
+        client.log_model_artifacts(logged.model_id, str(folder))
+    client.finalize_logged_model(logged.model_id, "READY")
     client.set_terminated(run_id, "FINISHED")
     try:
         client.create_registered_model(name)
     except Exception:  # already registered
         pass
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    spec = read_checkpoint_spec(checkpoint)
-    tags = {CHECKSUM_TAG: model_checksum(spec, checkpoint)} if spec is not None else {}
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    version = client.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
+                                          tags=tags, model_id=logged.model_id)
     client.set_registered_model_alias(name, alias, version.version)
     return run_id, str(version.version)
 
