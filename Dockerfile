@@ -14,12 +14,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2
 WORKDIR /app
 # The pinned torch from the chosen index (CPU wheels keep the default image small).
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url ${TORCH_INDEX}
+# Everything else from the lock, every file checked against its hash (scripts/lock.sh
+# regenerates it; it pins the servers too: prefect, mlflow[auth] for MLflow's basic auth).
+COPY infra/requirements.lock infra/requirements.lock
+RUN pip install --require-hashes --no-deps -r infra/requirements.lock
 COPY pyproject.toml README.md prefect.yaml ./
 COPY vitsem ./vitsem
 COPY flows ./flows
-# The platform's servers at the versions the project is tested with; mlflow[auth] for the
-# MLflow server's basic auth.
-RUN pip install . "prefect==3.9.1" "mlflow[auth]==3.17.2"
+RUN pip install --no-deps . && pip check
 RUN useradd --create-home --uid 1000 vitsem && mkdir -p /data/vitsem \
     && chown vitsem /data/vitsem /app
 USER vitsem

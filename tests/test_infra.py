@@ -176,3 +176,36 @@ def test_dockerfile_pins_torch_and_runs_unprivileged() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
     assert "USER vitsem" in text and 'ENTRYPOINT ["vitsem"]' in text
+
+
+def test_the_image_installs_from_a_hashed_lock_that_covers_the_dependencies() -> None:
+    """Every dependency of pyproject.toml (torch aside: it comes from the torch index) and
+    every server pin of infra/platform.in is in infra/requirements.lock, at a version its
+    specifier allows, with hashes; the Dockerfile installs from it with --require-hashes."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = (ROOT / "infra" / "requirements.lock").read_text()
+    pinned: dict[str, str] = {}
+    for block in re.split(r"\n(?=[a-z0-9])", lock):
+        m = re.match(r"([a-z0-9._-]+)==(\S+) \\", block)
+        if m:
+            assert "--hash=sha256:" in block, m.group(1)
+            pinned[canonicalize_name(m.group(1))] = m.group(2)
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted += [line for line in (ROOT / "infra" / "platform.in").read_text().splitlines()
+               if line and not line.startswith("#")]
+    for text in wanted:
+        req = Requirement(text)
+        if req.name in {"torch", "torchvision"}:
+            assert canonicalize_name(req.name) not in pinned  # CPU and CUDA wheels differ
+            continue
+        version = pinned.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is missing from the lock: run scripts/lock.sh"
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes --no-deps -r infra/requirements.lock" in docker
+    assert re.search(r"pip install --no-deps \.", docker)
