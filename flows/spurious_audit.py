@@ -31,6 +31,7 @@ from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.platform import tracking
 from vitsem.platform.lineage import Lineage
 from vitsem.platform.services import audit
@@ -58,12 +59,15 @@ class AuditParams(DataParams):
     max_worst_group_drop: float = Field(
         default=0.05, ge=0, le=1, description="Worst-group accuracy fall since the previous "
         "audit of the model that emits a vitsem.audit.worst-group-dropped event.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
 
     def config(self) -> AuditConfig:
+        """The audit settings; ``auto`` resolves where this runs (the task's worker). An
+        unknown device raises :class:`ConfigError`."""
         cfg = AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
                           top_fraction=self.top_fraction,
                           alpha=self.alpha, min_effect=self.min_effect,
-                          batch_size=self.batch_size)
+                          batch_size=self.batch_size, device=resolve_device(self.device))
         return replace(cfg, maps=tuple(self.maps)) if self.maps else cfg
 
 
@@ -101,6 +105,7 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
     """Find the shortcuts a classifier relies on, confirm them by token removal, and
     measure what removing them at inference does to accuracy and worst-group accuracy."""
     settings = Settings()
+    params.config().validate()  # a bad device or map fails the run before any work
     with tracked(settings, "spurious_audit", params) as run:
         params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)

@@ -103,6 +103,12 @@ def _object_masks(kept: Sequence[InputImage], view: Any) -> np.ndarray | None:
                      for im in kept])
 
 
+def _digest_cfg(cfg: AuditConfig) -> dict[str, Any]:
+    """The audit settings that change its report: not the device (a report found in the
+    store serves any device, and digests of reports stored before it existed hold)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "device"}
+
+
 @dataclass
 class _Loaded:
     data: AuditData
@@ -164,7 +170,7 @@ def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImag
     held = _load(ctx, dataset_id, view, spec, class_names, heldout, sift) if heldout else None
     reviews = load_reviews(ctx.meta, family)
     audit_digest = json_digest({
-        "model": loaded.checksum, "cfg": asdict(cfg), "images": _image_keys(main),
+        "model": loaded.checksum, "cfg": _digest_cfg(cfg), "images": _image_keys(main),
         **({"heldout": _image_keys(held)} if held else {}),
         **({"family": family, "reviews": [
             {k: v for k, v in r.to_dict().items() if k != "decided_at"} for r in reviews]}
