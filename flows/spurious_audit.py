@@ -18,7 +18,7 @@ from flows.common import (
     content_of,
     flow_options,
     lineage,
-    make_task_runner,
+    on_this_machine,
     publish,
     register_inputs,
     rejected_files,
@@ -27,6 +27,7 @@ from flows.common import (
     tracked,
     with_registered_weights,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams
 from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
@@ -80,6 +81,15 @@ def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
                               heldout=heldout, family=params.family)
 
 
+def here(settings: Settings, report: AuditReport) -> AuditReport:
+    """``report`` with its files on this machine (read back from the store when the audit
+    ran on another)."""
+    files = on_this_machine(settings, report.files, report.report_prefix)
+    repaired = (on_this_machine(settings, [report.repaired], report.report_prefix)[0]
+                if report.repaired is not None else None)
+    return replace(report, files=files, repaired=repaired)
+
+
 @task(**RETRYING_TASK)
 def track_audit(settings: Settings, params: AuditParams, report: AuditReport,
                 run_lineage: Lineage) -> str:
@@ -100,8 +110,9 @@ def register_repair(settings: Settings, report: AuditReport, run_id: str) -> str
                                         "accuracy", "worst_group_accuracy")})
 
 
-@flow(task_runner=make_task_runner(), **flow_options("spurious_audit"))
-def spurious_audit(params: AuditParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("spurious_audit"))
+def spurious_audit(params: AuditParams, runner: RunnerParams | None = None
+                  ) -> dict[str, Any]:
     """Find the shortcuts a classifier relies on, confirm them by token removal, and
     measure what removing them at inference does to accuracy and worst-group accuracy."""
     settings = Settings()
@@ -111,7 +122,7 @@ def spurious_audit(params: AuditParams) -> dict[str, Any]:
         dataset_id, inputs = register_inputs(settings, params)
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
-        report = run_audit(settings, dataset_id, images, params)
+        report = here(settings, run_audit.submit(settings, dataset_id, images, params).result())
         run_lineage = lineage(settings, "audit", params, inputs, content_of(reports),
                               registered, cached=report.cached)
         run.mlflow_run_id = track_audit(settings, params, report, run_lineage)

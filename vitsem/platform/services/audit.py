@@ -18,6 +18,7 @@ import numpy as np
 from vitsem.audit.benchmark import view_mask
 from vitsem.audit.pipeline import AuditConfig, AuditData, audit
 from vitsem.data.inputs import InputImage
+from vitsem.data.remote import is_remote, read_bytes
 from vitsem.digests import json_digest
 from vitsem.errors import AuditInputError
 from vitsem.method.images import open_image
@@ -99,8 +100,13 @@ def split_heldout(images: Sequence[InputImage], fraction: float
 def _object_masks(kept: Sequence[InputImage], view: Any) -> np.ndarray | None:
     if not all(im.mask for im in kept):
         return None
-    return np.stack([view_mask(np.asarray(open_image(str(im.mask)).convert("L")), view)
+    return np.stack([view_mask(np.asarray(_open_mask(str(im.mask)).convert("L")), view)
                      for im in kept])
+
+
+def _open_mask(mask: str) -> Any:
+    """A mask file, local or an ``s3://`` object."""
+    return open_image(read_bytes(mask), name=mask) if is_remote(mask) else open_image(mask)
 
 
 def _digest_cfg(cfg: AuditConfig) -> dict[str, Any]:
