@@ -210,3 +210,22 @@ def test_report_files_of_a_task_on_another_machine_are_read_back_from_the_store(
     away = Path("/nonexistent-worker-tmp/stats.json")
     (got,) = on_this_machine(settings, [away], "reports/x")
     assert got != away and got.name == "stats.json" and got.read_bytes() == b'{"a": 1}'
+
+
+def test_s3_inputs_missing_refused_or_unreachable_say_so(
+        s3_images: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.services import free_port
+    from vitsem.data.remote import InputUnavailableError, read_bytes
+    from vitsem.errors import DatasetError, TransientServiceError
+
+    first = resolve_inputs(s3_images).items[0].path
+    assert read_bytes(first)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError):  # the keypoint store rejects it as unreadable
+        read_bytes(f"{s3_images}/disc/gone.png")
+    with pytest.raises(DatasetError, match="bucket does not exist"):
+        resolve_inputs("s3://no-such-bucket-here/data")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(InputUnavailableError, match="retried later") as e:
+        read_bytes(first)
+    assert isinstance(e.value, TransientServiceError)  # the flows' tasks retry it
