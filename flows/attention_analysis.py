@@ -17,7 +17,7 @@ from flows.common import (
     flow_options,
     input_report,
     lineage,
-    make_task_runner,
+    on_this_machine,
     publish,
     register_inputs,
     rejected_files,
@@ -27,6 +27,7 @@ from flows.common import (
     tracked,
     with_registered_weights,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams
 from vitsem.data.inputs import InputSet
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.method.models import resolve_device
@@ -86,9 +87,11 @@ def run_analysis(settings: Settings, dataset_id: int, inputs: InputSet, params: 
     futures = analyze_shard.map(unmapped(settings), unmapped(dataset_id),
                                 list(range(len(parts))), parts, unmapped(params))
     reports = [f.result() for f in futures]
-    result, files = merge_and_report(settings, dataset_id, [input_report(inputs), *reports],
-                                     params, inputs.paths[: params.examples])
-    return reports, result, files
+    every = [input_report(inputs), *reports]
+    result, files = merge_and_report.submit(  # on the runner: a Dask worker merges
+        settings, dataset_id, every, params, inputs.paths[: params.examples]).result()
+    return reports, result, on_this_machine(settings, files,
+                                            analysis.analysis_report_prefix(every))
 
 
 def profile_table(result: AnalysisResult) -> list[dict[str, Any]]:
@@ -96,8 +99,9 @@ def profile_table(result: AnalysisResult) -> list[dict[str, Any]]:
             for row in result.layer_profile()]
 
 
-@flow(task_runner=make_task_runner(), **flow_options("attention_analysis"))
-def attention_analysis(params: AnalysisParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("attention_analysis"))
+def attention_analysis(params: AnalysisParams, runner: RunnerParams | None = None
+                      ) -> dict[str, Any]:
     """Weighted patch interrelation analysis of every layer and head over a data set."""
     settings = Settings()
     with tracked(settings, "attention_analysis", params) as run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -13,7 +14,6 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,16 +53,11 @@ class DataParams(FlowParams):
 
 
 def make_task_runner(settings: Settings | None = None) -> Any:
-    """The task runner chosen by ``VITSEM_TASK_RUNNER``: threads (default) or Dask."""
-    settings = settings or Settings()
-    if settings.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+    """A fixed task runner from the settings (``flow.with_options(task_runner=...)``); the
+    flows themselves choose theirs per run (:mod:`flows.runners`)."""
+    from flows.runners import task_runner
 
-        if settings.dask_address:
-            return DaskTaskRunner(address=settings.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers,
-                                              "threads_per_worker": 1, "processes": True})
-    return ThreadPoolTaskRunner(max_workers=settings.task_concurrency())
+    return task_runner(None, settings)
 
 
 UNKNOWN_FAULT_ATTEMPTS = 3
@@ -235,6 +230,19 @@ def register_inputs(settings: Settings, params: DataParams) -> tuple[int, InputS
                           len(inputs.items), len(inputs.rejected), loaded.spec.name,
                           loaded.checksum[:12])
     return dataset_id, inputs
+
+
+def on_this_machine(settings: Settings, files: Sequence[Path], prefix: str) -> list[Path]:
+    """Report files a task wrote, here: a task that ran on another machine (a Dask worker)
+    left them there, so they are read back from the artifact store, where it also put them
+    under ``prefix``."""
+    if all(f.is_file() for f in files):
+        return list(files)
+    out = Path(tempfile.mkdtemp(prefix="vitsem-report-"))
+    store = context(settings).store
+    for f in files:
+        (out / f.name).write_bytes(store.get(f"{prefix}/{f.name}"))
+    return [out / f.name for f in files]
 
 
 def shards(files: Sequence[str], size: int) -> list[list[str]]:

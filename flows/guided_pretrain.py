@@ -13,11 +13,11 @@ from flows.common import (
     RETRYING_TASK,
     FlowParams,
     flow_options,
-    make_task_runner,
     publish,
     task_namer,
     tracked,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.method.models import resolve_device
 from vitsem.platform import tracking
@@ -80,8 +80,9 @@ def register_encoder(settings: Settings, run: pretrain.PretrainRun, params: Pret
                                         params.alias, {}, {}, run_id=run.mlflow_run_id)
 
 
-@flow(task_runner=make_task_runner(), **flow_options("guided_pretrain"))
-def guided_pretrain(params: PretrainParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("guided_pretrain"))
+def guided_pretrain(params: PretrainParams, runner: RunnerParams | None = None
+                   ) -> dict[str, Any]:
     """Pre-train a ViT encoder as a masked autoencoder with keypoint-guided masking."""
     settings = Settings()
     params.config().validate()  # bad settings fail before any work, and before any record

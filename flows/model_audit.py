@@ -16,12 +16,12 @@ from flows.common import (
     artifact_key,
     flow_options,
     lineage,
-    make_task_runner,
     parent_run,
     publish,
     tracked,
     with_registered_weights,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams, shared_cluster
 from flows.sift_extraction import sift_extraction
 from flows.spurious_audit import AuditParams, spurious_audit
 from vitsem.data.inputs import resolve_inputs
@@ -47,14 +47,15 @@ class ModelAuditParams(AnalysisParams):
         return kind(**self.model_dump(include=set(kind.model_fields)))
 
 
-@flow(task_runner=make_task_runner(), **flow_options("model_audit"))
-def model_audit(params: ModelAuditParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("model_audit"))
+def model_audit(params: ModelAuditParams, runner: RunnerParams | None = None
+               ) -> dict[str, Any]:
     """Audit a model on a data set: keypoints, the interrelation analysis and, when the data
     carry labels (a benchmark folder or one sub-folder per class), the shortcut audit."""
     settings = Settings()
-    with tracked(settings, "model_audit", params) as run:
+    with tracked(settings, "model_audit", params) as run, shared_cluster(runner) as steps:
         params, registered = with_registered_weights(settings, params)
-        sift = sift_extraction(params.step(DataParams))
+        sift = sift_extraction(params.step(DataParams), steps)
         inputs = resolve_inputs(params.data, params.split)
         run_lineage = lineage(settings, "model audit", params, inputs,
                               (sift["dataset_digest"], sift["images"]), registered)
@@ -63,8 +64,8 @@ def model_audit(params: ModelAuditParams) -> dict[str, Any]:
         run.mlflow_run_id = parent.run_id
         try:
             with parent_run(parent):
-                analysis = attention_analysis(params.step(AnalysisParams))
-                audit = (spurious_audit(params.step(AuditParams)) if inputs.labelled
+                analysis = attention_analysis(params.step(AnalysisParams), steps)
+                audit = (spurious_audit(params.step(AuditParams), steps) if inputs.labelled
                          else None)
         except BaseException:
             tracking.finish_parent_run(settings, parent.run_id, [], status="FAILED")

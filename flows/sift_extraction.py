@@ -11,7 +11,6 @@ from flows.common import (
     DataParams,
     content_of,
     flow_options,
-    make_task_runner,
     publish,
     register_inputs,
     rejected_files,
@@ -20,6 +19,7 @@ from flows.common import (
     totals,
     tracked,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams
 from vitsem.platform.services import keypoints
 from vitsem.platform.services.context import ShardReport
 from vitsem.platform.settings import Settings
@@ -41,8 +41,9 @@ def run_sift(settings: Settings, dataset_id: int, paths: list[str], params: Data
     return [f.result() for f in futures]
 
 
-@flow(task_runner=make_task_runner(), **flow_options("sift_extraction"))
-def sift_extraction(params: DataParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("sift_extraction"))
+def sift_extraction(params: DataParams, runner: RunnerParams | None = None
+                   ) -> dict[str, Any]:
     """Extract and store SIFT keypoints for every image; already stored ones are skipped."""
     settings = Settings()
     with tracked(settings, "sift_extraction", params) as run:

@@ -18,7 +18,7 @@ from flows.common import (
     content_of,
     flow_options,
     lineage,
-    make_task_runner,
+    on_this_machine,
     publish,
     register_inputs,
     rejected_files,
@@ -27,10 +27,12 @@ from flows.common import (
     tracked,
     with_registered_weights,
 )
+from flows.runners import PerRunTaskRunner, RunnerParams
 from flows.sift_extraction import run_sift
 from vitsem.audit.pipeline import AuditConfig
 from vitsem.data.inputs import InputImage
 from vitsem.method.concentration import SemanticConfig, Weighting
+from vitsem.method.models import resolve_device
 from vitsem.platform import tracking
 from vitsem.platform.lineage import Lineage
 from vitsem.platform.services import audit
@@ -58,12 +60,15 @@ class AuditParams(DataParams):
     max_worst_group_drop: float = Field(
         default=0.05, ge=0, le=1, description="Worst-group accuracy fall since the previous "
         "audit of the model that emits a vitsem.audit.worst-group-dropped event.")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:N.")
 
     def config(self) -> AuditConfig:
+        """The audit settings; ``auto`` resolves where this runs (the task's worker). An
+        unknown device raises :class:`ConfigError`."""
         cfg = AuditConfig(semantic=SemanticConfig(weighting=self.weighting),
                           top_fraction=self.top_fraction,
                           alpha=self.alpha, min_effect=self.min_effect,
-                          batch_size=self.batch_size)
+                          batch_size=self.batch_size, device=resolve_device(self.device))
         return replace(cfg, maps=tuple(self.maps)) if self.maps else cfg
 
 
@@ -74,6 +79,15 @@ def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
     return audit.audit_images(settings, dataset_id, audited, params.model, params.checkpoint,
                               params.config(), {"data": params.data, "split": params.split},
                               heldout=heldout, family=params.family)
+
+
+def here(settings: Settings, report: AuditReport) -> AuditReport:
+    """``report`` with its files on this machine (read back from the store when the audit
+    ran on another)."""
+    files = on_this_machine(settings, report.files, report.report_prefix)
+    repaired = (on_this_machine(settings, [report.repaired], report.report_prefix)[0]
+                if report.repaired is not None else None)
+    return replace(report, files=files, repaired=repaired)
 
 
 @task(**RETRYING_TASK)
@@ -96,17 +110,19 @@ def register_repair(settings: Settings, report: AuditReport, run_id: str) -> str
                                         "accuracy", "worst_group_accuracy")})
 
 
-@flow(task_runner=make_task_runner(), **flow_options("spurious_audit"))
-def spurious_audit(params: AuditParams) -> dict[str, Any]:
+@flow(task_runner=PerRunTaskRunner(), **flow_options("spurious_audit"))
+def spurious_audit(params: AuditParams, runner: RunnerParams | None = None
+                  ) -> dict[str, Any]:
     """Find the shortcuts a classifier relies on, confirm them by token removal, and
     measure what removing them at inference does to accuracy and worst-group accuracy."""
     settings = Settings()
+    params.config().validate()  # a bad device or map fails the run before any work
     with tracked(settings, "spurious_audit", params) as run:
         params, registered = with_registered_weights(settings, params)
         dataset_id, inputs = register_inputs(settings, params)
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
-        report = run_audit(settings, dataset_id, images, params)
+        report = here(settings, run_audit.submit(settings, dataset_id, images, params).result())
         run_lineage = lineage(settings, "audit", params, inputs, content_of(reports),
                               registered, cached=report.cached)
         run.mlflow_run_id = track_audit(settings, params, report, run_lineage)

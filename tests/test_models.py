@@ -109,3 +109,28 @@ def test_device_auto_is_cuda_when_present_and_bad_devices_are_refused() -> None:
     assert AnalysisParams(data="x").config().device == here  # the flows' default is auto
     assert PretrainParams(data="x").config().device == here
     assert AnalysisParams(data="x", device="cpu").config().device == "cpu"
+
+
+def test_the_audit_takes_a_device_refuses_unknown_ones_and_keeps_its_digest() -> None:
+    from dataclasses import asdict
+
+    from flows.model_audit import ModelAuditParams
+    from flows.spurious_audit import AuditParams
+    from vitsem.audit.pipeline import AuditConfig
+    from vitsem.errors import ConfigError
+    from vitsem.platform.services.audit import _digest_cfg
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert AuditParams(data="x").config().device == here
+    assert AuditParams(data="x", device="cpu").config().device == "cpu"
+    assert AuditParams(data="x", device="cuda:1").config().device == "cuda:1"
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        AuditParams(data="x", device="gpu").config()
+    with pytest.raises(ConfigError, match="unknown device 'tpu0'"):
+        AuditConfig(device="tpu0").validate()
+    # The parent audit hands its device to the audit step.
+    step = ModelAuditParams(data="x", device="cuda:0").step(AuditParams)
+    assert step.device == "cuda:0"
+    # Not part of the digest, which stays what it was before the field existed.
+    old = {k: v for k, v in asdict(AuditConfig()).items() if k != "device"}
+    assert _digest_cfg(AuditConfig(device="cuda")) == _digest_cfg(AuditConfig()) == old

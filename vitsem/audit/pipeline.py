@@ -53,7 +53,7 @@ from vitsem.method.concentration import (
     patch_weights,
 )
 from vitsem.method.keypoints import Keypoints
-from vitsem.method.training import in_batches
+from vitsem.method.training import in_batches, model_device
 from vitsem.method.view import ModelView
 
 __all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
@@ -97,6 +97,9 @@ class AuditConfig:
     repair_min_images: int = 20
     repair_min_per_group: int = 2
     seed: int = 0
+    device: str = "cpu"
+    """Where the model runs (``cpu``, ``cuda``, ``cuda:N``); inputs stay in host memory and
+    go there a batch at a time. Not a result-affecting setting (no part of the digest)."""
 
     def validate(self) -> None:
         self.semantic.validate()
@@ -114,6 +117,11 @@ class AuditConfig:
         if self.faithfulness_steps < 2 or self.faithfulness_images < 0 or self.grow_rings < 0:
             raise ConfigError("faithfulness_steps must be >= 2, faithfulness_images and "
                              "grow_rings >= 0")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {self.device!r}: use cpu, cuda or cuda:N "
+                              "(the flows also take auto)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +154,8 @@ def check_audit_data(data: AuditData, num_model_classes: int) -> None:
 def _predictor(model: nn.Module, batch_size: int) -> Any:
     @torch.no_grad()
     def predict(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        return in_batches(partial(predict_without, model), x, drop, batch_size=batch_size)
+        return in_batches(partial(predict_without, model), x, drop, batch_size=batch_size,
+                          device=model_device(model))
     return predict
 
 
@@ -175,7 +184,7 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     as legitimate is neither prompted away nor repaired against) and is flagged only when
     new or regressed."""
     cfg.validate()
-    model.eval()
+    model = model.to(cfg.device).eval()
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     check_audit_data(data, num_classes)
     grid = token_layout(model, view.hw).grid
@@ -294,8 +303,8 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def _attribution(name: str, model: nn.Module, x: torch.Tensor, weights: torch.Tensor,
                  batch_size: int) -> np.ndarray:
     fn = MAPS[name]
-    return in_batches(partial(fn, model), x, weights, batch_size=batch_size
-                      ).detach().numpy().astype(np.float64)
+    return in_batches(partial(fn, model), x, weights, batch_size=batch_size,
+                      device=model_device(model)).detach().numpy().astype(np.float64)
 
 
 def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,

@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from vitsem.errors import RepairInputError
-from vitsem.method.training import in_batches, predict_labels
+from vitsem.method.training import in_batches, model_device, predict_labels
 
 __all__ = ["RepairOutcome", "RepairResult", "evaluate", "fit_balanced_head", "gap_closed",
            "linear_head", "penultimate_features", "pseudo_groups", "repair_last_layer",
@@ -51,7 +51,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 12
                                "the repair needs a timm model")
     model.eval()
     return in_batches(lambda xb: vit.forward_head(vit.forward_features(xb), pre_logits=True),
-                      x, batch_size=batch_size).double().numpy()
+                      x, batch_size=batch_size, device=model_device(model)).double().numpy()
 
 
 def pseudo_groups(labels: np.ndarray, present: np.ndarray, class_names: Sequence[str]

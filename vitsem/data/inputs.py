@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitsem.data.remote import is_remote, list_keys
 from vitsem.data.shortcut import DATASET_INFO, ShortcutDataset
 from vitsem.errors import AuditInputError, DatasetError
 from vitsem.method.images import IMAGE_SUFFIXES
@@ -148,26 +149,58 @@ def scan_folder(root: Path) -> tuple[list[Path], list[Rejected]]:
 
 def _folder(root: Path, shown: str) -> InputSet:
     files, rejected = scan_folder(root)
-    flat = [p for p in files if p.parent == root]
+    return _layout(path_text(root), path_text(root.name), shown,
+                   [(str(p), tuple(path_text(x) for x in p.relative_to(root).parts))
+                    for p in files], rejected)
+
+
+def _layout(uri: str, name: str, shown: str, files: list[tuple[str, tuple[str, ...]]],
+            rejected: list[Rejected]) -> InputSet:
+    """The input set of a folder's image ``files`` (each its path and its parts relative to
+    the folder): labelled by first-level sub-folder when no image sits at the top."""
+    flat = [f for f, parts in files if len(parts) == 1]
     if flat:
-        return InputSet(path_text(root), path_text(root.name),
-                        [InputImage(str(p)) for p in files], None, (
+        return InputSet(uri, name, [InputImage(f) for f, _ in files], None, (
             f"{path_text(shown)}: {len(flat)} images sit directly in the folder, without a "
             "class; the audit needs labels: put each class's images in a sub-folder named "
             "after the class"),
             rejected)
-    items = []
-    for p in files:
-        label = path_text(p.relative_to(root).parts[0])
-        items.append(InputImage(str(p), label, label))
+    items = [InputImage(f, parts[0], parts[0]) for f, parts in files]
     classes = sorted({it.label for it in items if it.label is not None})
     if not items:
-        return InputSet(path_text(root), path_text(root.name), [], None,
-                        f"{path_text(shown)}: the folder holds no images", rejected)
-    return InputSet(path_text(root), path_text(root.name), items, classes, None, rejected)
+        return InputSet(uri, name, [], None, f"{path_text(shown)}: the folder holds no images",
+                        rejected)
+    return InputSet(uri, name, items, classes, None, rejected)
+
+
+def _remote_folder(uri: str) -> InputSet:
+    """An ``s3://bucket/prefix`` folder: its objects sorted into images and rejections as a
+    local folder's entries are (hidden names, other suffixes); the images are addressed by
+    URI, so whoever runs a task reads them from the store itself."""
+    root = uri.rstrip("/")
+    keys = list_keys(root)
+    if DATASET_INFO in keys:
+        raise DatasetError(f"{uri}: a benchmark folder on S3 is not read yet (its manifest, "
+                           "masks); copy it to a local folder, or upload its images in one "
+                           "sub-folder per class")
+    files: list[tuple[str, tuple[str, ...]]] = []
+    rejected: list[Rejected] = []
+    for key in keys:
+        parts = tuple(key.split("/"))
+        if any(part.startswith(".") for part in parts):
+            _reject(rejected, f"{root}/{key}", "hidden")
+        elif Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
+            _reject(rejected, f"{root}/{key}", "unsupported_suffix")
+        else:
+            files.append((f"{root}/{key}", parts))
+    if not keys:
+        raise DatasetError(f"{uri}: no objects under this prefix; check the bucket and prefix")
+    return _layout(root, root.rsplit("/", 1)[-1], uri, files, rejected)
 
 
 def _one(source: str | Path, split: str) -> InputSet:
+    if is_remote(source):
+        return _remote_folder(str(source))
     root = Path(source).resolve()
     if root.is_dir() and (root / DATASET_INFO).is_file():
         return _benchmark(root, split)

@@ -11,12 +11,23 @@ import torch
 from torch import nn
 
 
-def in_batches(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size: int
-               ) -> torch.Tensor:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def in_batches(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size: int,
+               device: torch.device | str | None = None) -> torch.Tensor:
     """``fn`` over aligned slices of ``tensors`` (all (B, ...)), ``batch_size`` rows at a
-    time, results concatenated along the first axis."""
+    time, results concatenated along the first axis. With ``device`` (a model's, say) each
+    slice is moved there and each result back to the CPU: the whole input stays in host
+    memory, one batch at a time on the accelerator."""
     n = len(tensors[0])
-    return torch.cat([fn(*(t[i:i + batch_size] for t in tensors))
+    if device is None or torch.device(device).type == "cpu":
+        return torch.cat([fn(*(t[i:i + batch_size] for t in tensors))
+                          for i in range(0, n, batch_size)])
+    return torch.cat([fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu()
                       for i in range(0, n, batch_size)])
 
 
@@ -25,7 +36,8 @@ def predict_labels(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
     """(B,) predicted class of each image in ``x`` (B, 3, H, W); the model is put in eval
     mode."""
     model.eval()
-    return in_batches(lambda xb: model(xb).argmax(-1), x, batch_size=batch_size)
+    return in_batches(lambda xb: model(xb).argmax(-1), x, batch_size=batch_size,
+                      device=model_device(model))
 
 
 def group_accuracy(pred: np.ndarray, labels: np.ndarray, groups: Sequence[str]

@@ -99,6 +99,12 @@ def merge_analysis(settings: Settings, dataset_id: int, reports: Sequence[ShardR
     return result
 
 
+def analysis_report_prefix(reports: Sequence[ShardReport]) -> str:
+    """Where the report of an analysis of these shards is stored: one place per shard set."""
+    shards = sorted(r.artifact_key or "" for r in reports)
+    return f"reports/attention_analysis/{json_digest(shards)}"
+
+
 def store_analysis_report(settings: Settings, reports: Sequence[ShardReport],
                           result: AnalysisResult, meta: dict[str, Any]) -> list[Path]:
     """Write ``stats.json``, ``rejected.jsonl`` and the pictures to a local folder and to the
@@ -110,8 +116,7 @@ def store_analysis_report(settings: Settings, reports: Sequence[ShardReport],
     files = [out / "stats.json", out / "rejected.jsonl"]
     if result.num_images:
         files += write_pictures(result, out, None)
-    shards = sorted(r.artifact_key or "" for r in reports)
-    prefix = f"reports/attention_analysis/{json_digest(shards)}"
+    prefix = analysis_report_prefix(reports)
     store = context(settings).store
     for f in files:
         store.put(f"{prefix}/{f.name}", f.read_bytes())

@@ -18,6 +18,7 @@ import numpy as np
 from vitsem.audit.benchmark import view_mask
 from vitsem.audit.pipeline import AuditConfig, AuditData, audit
 from vitsem.data.inputs import InputImage
+from vitsem.data.remote import is_remote, read_bytes
 from vitsem.digests import json_digest
 from vitsem.errors import AuditInputError
 from vitsem.method.images import open_image
@@ -99,8 +100,19 @@ def split_heldout(images: Sequence[InputImage], fraction: float
 def _object_masks(kept: Sequence[InputImage], view: Any) -> np.ndarray | None:
     if not all(im.mask for im in kept):
         return None
-    return np.stack([view_mask(np.asarray(open_image(str(im.mask)).convert("L")), view)
+    return np.stack([view_mask(np.asarray(_open_mask(str(im.mask)).convert("L")), view)
                      for im in kept])
+
+
+def _open_mask(mask: str) -> Any:
+    """A mask file, local or an ``s3://`` object."""
+    return open_image(read_bytes(mask), name=mask) if is_remote(mask) else open_image(mask)
+
+
+def _digest_cfg(cfg: AuditConfig) -> dict[str, Any]:
+    """The audit settings that change its report: not the device (a report found in the
+    store serves any device, and digests of reports stored before it existed hold)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "device"}
 
 
 @dataclass
@@ -164,7 +176,7 @@ def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImag
     held = _load(ctx, dataset_id, view, spec, class_names, heldout, sift) if heldout else None
     reviews = load_reviews(ctx.meta, family)
     audit_digest = json_digest({
-        "model": loaded.checksum, "cfg": asdict(cfg), "images": _image_keys(main),
+        "model": loaded.checksum, "cfg": _digest_cfg(cfg), "images": _image_keys(main),
         **({"heldout": _image_keys(held)} if held else {}),
         **({"family": family, "reviews": [
             {k: v for k, v in r.to_dict().items() if k != "decided_at"} for r in reviews]}

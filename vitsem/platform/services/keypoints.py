@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from vitsem.data.remote import read_bytes
 from vitsem.digests import json_digest, sha256_bytes
 from vitsem.errors import ImageError
 from vitsem.method.images import ImageLimits, open_image
@@ -95,7 +96,7 @@ class KeypointStore:
         """``path``'s view and keypoints (None when the file is rejected). With
         ``need_view=False`` an already stored and indexed set is not read back (None)."""
         try:
-            data = Path(path).read_bytes()
+            data = read_bytes(path)  # a local file or an s3:// object
         except OSError as e:
             self._reject(path, None, "unreadable", f"cannot read file ({e.strerror})")
             return None
