@@ -14,6 +14,7 @@ from flows.common import (
     DataParams,
     artifact_key,
     content_of,
+    device_slot,
     flow_options,
     input_report,
     lineage,
@@ -59,8 +60,10 @@ class AnalysisParams(DataParams):
 @task(task_run_name=task_namer("analysis"), **RETRYING_TASK)
 def analyze_shard(settings: Settings, dataset_id: int, shard: int, paths: list[str],
                   params: AnalysisParams) -> ShardReport:
-    return analysis.analyze_shard(settings, dataset_id, shard, paths, params.model,
-                                  params.checkpoint, params.config())
+    config = params.config()
+    with device_slot(config.device):
+        return analysis.analyze_shard(settings, dataset_id, shard, paths, params.model,
+                                      params.checkpoint, config)
 
 
 @task(task_run_name=task_namer("analysis merge"), **RETRYING_TASK)

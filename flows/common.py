@@ -276,6 +276,24 @@ def rejected_files(reports: Sequence[ShardReport], inputs: InputSet | None = Non
     return first + [r for rep in reports for r in rep.rejected]
 
 
+GPU_LIMIT = "vitsem-gpu"
+
+
+@contextmanager
+def device_slot(device: str) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit ``vitsem-gpu`` while a model works on a
+    CUDA device, so no more model passes share the GPUs than the limit allows
+    (``prefect gcl create vitsem-gpu --limit 1``: compose and ``scripts/stack.sh`` create
+    it). On the CPU, or where no such limit exists, nothing waits."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        yield
+
+
 def artifact_key(kind: str, model_label: str | None = None) -> str:
     """``<kind>-<model>``: Prefect artifact keys per model, so the latest artifact of one
     model is not replaced by another deployment's run (keys allow a-z, 0-9 and dashes)."""

@@ -16,6 +16,7 @@ from flows.common import (
     announce,
     artifact_key,
     content_of,
+    device_slot,
     flow_options,
     lineage,
     on_this_machine,
@@ -76,9 +77,12 @@ class AuditParams(DataParams):
 def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
               params: AuditParams) -> AuditReport:
     audited, heldout = audit.split_heldout(images, params.repair_holdout)
-    return audit.audit_images(settings, dataset_id, audited, params.model, params.checkpoint,
-                              params.config(), {"data": params.data, "split": params.split},
-                              heldout=heldout, family=params.family)
+    config = params.config()
+    with device_slot(config.device):
+        return audit.audit_images(settings, dataset_id, audited, params.model,
+                                  params.checkpoint, config,
+                                  {"data": params.data, "split": params.split},
+                                  heldout=heldout, family=params.family)
 
 
 def here(settings: Settings, report: AuditReport) -> AuditReport:

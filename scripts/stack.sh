@@ -65,6 +65,12 @@ up() {
   wait_http mlflow "http://127.0.0.1:$mlflow_port/health" 180
   "$bin/prefect" work-pool inspect vitsem >/dev/null 2>&1 \
     || "$bin/prefect" work-pool create vitsem --type process >/dev/null
+  # The GPU pool (served by a worker on a GPU machine: `prefect worker start --pool
+  # vitsem-gpu`) and the global limit every CUDA model pass holds a slot of.
+  "$bin/prefect" work-pool inspect vitsem-gpu >/dev/null 2>&1 \
+    || "$bin/prefect" work-pool create vitsem-gpu --type process >/dev/null
+  "$bin/prefect" gcl inspect vitsem-gpu >/dev/null 2>&1 \
+    || "$bin/prefect" gcl create vitsem-gpu --limit "${VITSEM_GPU_SLOTS:-1}" >/dev/null
   # prefect.yaml's pull step points at the image's /app; natively it is this checkout.
   sed "s#directory: /app#directory: $root#" "$root/prefect.yaml" >"$dir/prefect.yaml"
   local which=(--all)

@@ -210,3 +210,28 @@ def test_the_image_installs_from_a_hashed_lock_that_covers_the_dependencies() ->
     docker = (ROOT / "Dockerfile").read_text()
     assert "--require-hashes --no-deps -r infra/requirements.lock" in docker
     assert re.search(r"pip install --no-deps \.", docker)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_cuda_model_pass_holds_a_slot_of_the_gpu_limit() -> None:
+    """``device_slot`` takes a slot of the global limit ``vitsem-gpu`` for CUDA work (so a
+    second pass waits) and none for the CPU; without the limit nothing waits."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.common import GPU_LIMIT, device_slot
+
+    with device_slot("cuda:0"):  # no limit yet: proceeds
+        pass
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT,
+                                                                            limit=1))
+
+        def active() -> int:
+            return int(client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots)
+
+        with device_slot("cpu"):
+            assert active() == 0
+        with device_slot("cuda"):
+            assert active() == 1
+        assert active() == 0
