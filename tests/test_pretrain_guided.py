@@ -4,6 +4,7 @@ the benchmark's validity rule, and the digits benchmark data."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,65 @@ def test_digit_benchmark_is_deterministic_balanced_and_split_by_instance() -> No
     assert np.abs(means - tr.reshape(-1, 3).mean(0)).max() < 25
     with pytest.raises(ConfigError):
         DigitTextureSpec(background="stripes").validate()  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow: attmask from the form, no duplicate version on a rerun, curves in MLflow
+
+
+@pytest.fixture(scope="module")
+def flow_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vitsem.data.shortcut import ShortcutSpec, make_shortcut_dataset
+
+    return make_shortcut_dataset(tmp_path_factory.mktemp("guided") / "data",
+                                 ShortcutSpec(n_train=48, n_test=24, seed=5), workers=1)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_rerun_of_a_finished_run_registers_no_duplicate_and_logs_curves(
+        flow_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from flows.guided_pretrain import PretrainParams, guided_pretrain
+    from vitsem.platform.pretrain_tracking import CURVES_ARTIFACT
+
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("VITSEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITSEM_MLFLOW_TRACKING_URI", mlflow_uri)
+    for var in ("VITSEM_DATABASE_URL", "VITSEM_ARTIFACT_URI"):
+        monkeypatch.delenv(var, raising=False)
+    params = PretrainParams(data=str(flow_data), masker="attmask", epochs=2, depth=2,
+                            batch_size=16, seed=2)
+    first = guided_pretrain(params)
+    assert first["epochs_run"] == 2 and "already registered" not in first["registered"]
+    again = guided_pretrain(params)
+    assert again["run_key"] == first["run_key"]
+    assert again["epochs_run"] == 0 and again["resumed_from_epoch"] == 2
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert "already registered" in again["registered"]
+    client = MlflowClient(mlflow_uri)
+    versions = client.search_model_versions("name = 'vitsem-mae-encoder'")
+    assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
+    assert str(client.get_model_version_by_alias("vitsem-mae-encoder", "pretrained").version) == "1"
+    # A different run (another seed) is a new version, as before.
+    third = guided_pretrain(params.model_copy(update={"seed": 3}))
+    assert "(version 2)" in third["registered"]
+    assert len(client.search_model_versions("name = 'vitsem-mae-encoder'")) == 2
+    # The curves: per-epoch metrics with the epoch as step, and the picture as an artifact.
+    run = first["mlflow_run_id"]
+    for key in ("linear_probe", "knn"):
+        steps = {m.step: m.value for m in client.get_metric_history(run, key)}
+        assert sorted(steps) == [1, 2]
+        assert steps[2] == pytest.approx(first["history"][-1][key])
+    arts = {a.path for a in client.list_artifacts(run, "curves")}
+    assert CURVES_ARTIFACT in arts
+    local = Path(client.download_artifacts(run, CURVES_ARTIFACT, str(tmp_path)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_form_offers_every_registered_masker() -> None:
+    from typing import get_args
+
+    from flows.guided_pretrain import MaskerName
+
+    assert set(get_args(MaskerName)) == set(MASKERS)
