@@ -244,3 +244,50 @@ def test_the_form_offers_every_registered_masker() -> None:
     from flows.guided_pretrain import MaskerName
 
     assert set(get_args(MaskerName)) == set(MASKERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's analysis
+
+
+def _bench() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_pretrain.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(masker: str, seed: int, curve: list[float]) -> dict[str, Any]:
+    return {"masker": masker, "seed": seed, "epochs": len(curve) - 1,
+            "untrained": {"linear_probe": curve[0], "knn": curve[0]},
+            "history": [{"epoch": e, "linear_probe": a, "knn": a, "loss": 1.0,
+                         "epoch_seconds": 1.0, "mask_seconds": 0.01}
+                        for e, a in enumerate(curve[1:], 1)]}
+
+
+def test_bench_reports_speed_ups_only_when_the_baseline_learns() -> None:
+    bench = _bench()
+    learning = [0.2, 0.25, 0.3, 0.35, 0.4]  # random reaches its final 0.4 at epoch 4
+    fast = [0.2, 0.3, 0.4, 0.41, 0.42]  # at epoch 2: speed-up 2
+    rows = [_row(m, s, c) for s in range(3) for m, c in (("random", learning),
+                                                         ("attmask", fast))]
+    summary = bench.analyse(rows)
+    assert summary["valid"]
+    for key in ("linear_probe", "knn"):
+        m = summary["metrics"][key]
+        assert m["target"] == pytest.approx(0.4) and m["gain"] == pytest.approx(0.2)
+        assert m["maskers"]["attmask"]["epochs_to_target"] == [2, 2, 2]
+        assert m["maskers"]["attmask"]["speedup"] == pytest.approx(2.0)
+        assert m["maskers"]["attmask"]["interval"] == pytest.approx([2.0, 2.0])
+    assert summary["best_guided"] == "attmask" and summary["claim_met"]
+    flat = [0.64, 0.675, 0.66, 0.65, 0.633]
+    rows = [_row(m, s, c) for s in range(3) for m, c in (("random", flat), ("attmask", fast))]
+    summary = bench.analyse(rows)
+    assert not summary["valid"] and not summary["claim_met"]
+    assert summary["metrics"]["knn"]["maskers"]["attmask"]["speedup"] is None
+    text = bench.table(summary, "# test")
+    assert INVALID_MESSAGE in text.splitlines() and "refused" in text
