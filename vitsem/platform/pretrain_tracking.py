@@ -34,15 +34,18 @@ def _client(settings: Settings) -> Any:
 def register_encoder_once(settings: Settings, checkpoint: Path, name: str, alias: str,
                           run_id: str | None) -> tuple[str | None, str, bool]:
     """Register ``checkpoint`` as a version of model ``name`` with ``alias``, unless a
-    version of ``name`` already holds these weights (by the checksum tag), as after a
-    rerun of a finished run: then that version gets the alias and nothing is registered.
+    version of ``name`` from the same MLflow run ``run_id`` already holds these weights (by
+    the checksum tag), as after a rerun of a finished run: then that version gets the alias
+    and nothing is registered. (Another run that happens to produce the same weights, e.g.
+    the same settings in another artifact store, still registers its own version.)
 
     Returns (run id, version, whether a new version was registered)."""
     spec = read_checkpoint_spec(checkpoint)
     if spec is not None:
         client = _client(settings)
         found = version_of_checksum(client, model_checksum(spec, checkpoint))
-        if found is not None and found.name == name:
+        if found is not None and found.name == name and (
+                run_id is None or client.get_model_version(name, found.version).run_id == run_id):
             client.set_registered_model_alias(name, alias, found.version)
             return run_id, found.version, False
     run, version = tracking.register_checkpoint(settings, checkpoint, name, alias, {}, {},
