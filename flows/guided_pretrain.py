@@ -20,7 +20,7 @@ from flows.common import (
 from flows.runners import PerRunTaskRunner, RunnerParams
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.method.models import resolve_device
-from vitsem.platform import tracking
+from vitsem.platform import pretrain_tracking, tracking
 from vitsem.platform.services import pretrain
 from vitsem.platform.services.context import context
 from vitsem.platform.settings import Settings
@@ -28,14 +28,17 @@ from vitsem.pretrain.loop import PretrainConfig
 from vitsem.pretrain.maskers import MaskSpec
 from vitsem.render.markdown import pretrain_markdown
 
-MaskerName = Literal["random", "sift", "sift-hint", "kamim"]
+MaskerName = Literal["random", "sift", "sift-hint", "kamim", "attmask"]
+"""The registry's maskers (:data:`vitsem.pretrain.maskers.MASKERS`), as the form's choices."""
 
 
 class PretrainParams(FlowParams):
     """What to pre-train on and how."""
 
     data: str = Field(description="Benchmark folder from `vitsem data make` (train/test).")
-    masker: MaskerName = Field(default="sift", description="Which patches to mask.")
+    masker: MaskerName = Field(default="sift", description=(
+        "Which patches to mask: random (MAE), sift (by keypoint weight^alpha), sift-hint, "
+        "kamim (random, keypoint-weighted loss), attmask (the encoder's most attended)."))
     weighting: Weighting = Field(default="count", description="Keypoint concentration.")
     alpha: float = Field(default=1.0, description="sift exponent: > 0 masks semantic "
                                                   "patches first, < 0 keeps them visible.")
@@ -75,9 +78,18 @@ def pretrain_task(settings: Settings, dataset_id: int, params: PretrainParams
 
 @task(**RETRYING_TASK)
 def register_encoder(settings: Settings, run: pretrain.PretrainRun, params: PretrainParams
-                     ) -> tuple[str, str]:
-    return tracking.register_checkpoint(settings, run.encoder_path, params.model_name,
-                                        params.alias, {}, {}, run_id=run.mlflow_run_id)
+                     ) -> tuple[str | None, str, bool]:
+    """A rerun of a finished run finds its version by the weights' checksum: no duplicate."""
+    return pretrain_tracking.register_encoder_once(settings, run.encoder_path,
+                                                   params.model_name, params.alias,
+                                                   run.mlflow_run_id)
+
+
+@task(**RETRYING_TASK)
+def log_curves(settings: Settings, run_id: str, run: pretrain.PretrainRun,
+               params: PretrainParams) -> str:
+    return pretrain_tracking.log_curves(settings, run_id, run.history,
+                                        f"{params.masker}, run {run.run_key[:12]}")
 
 
 @flow(task_runner=PerRunTaskRunner(), **flow_options("guided_pretrain"))
@@ -90,14 +102,18 @@ def guided_pretrain(params: PretrainParams, runner: RunnerParams | None = None
         data = str(Path(params.data).resolve())
         dataset_id = context(settings).meta.dataset(f"{data}#train", Path(data).name)
         result = pretrain_task(settings, dataset_id, params)
-        run.mlflow_run_id, version = register_encoder(settings, result, params)
+        mlflow_run_id, version, new = register_encoder(settings, result, params)
+        run.mlflow_run_id = mlflow_run_id
+        if mlflow_run_id is not None:
+            log_curves(settings, mlflow_run_id, result, params)
         last = result.history[-1]
         run.summary = {
             "run_key": result.run_key, "epochs": len(result.history),
             "resumed_from_epoch": result.resumed_from, "epochs_run": result.epochs_run,
             "linear_probe": last.get("linear_probe"), "knn": last.get("knn"),
             "loss": last["loss"], "mlflow_run_id": run.mlflow_run_id,
-            "registered": f"{params.model_name}@{params.alias} (version {version})",
+            "registered": f"{params.model_name}@{params.alias} (version {version}"
+                          f"{'' if new else ', already registered'})",
             "checkpoints": result.checkpoint_prefix}
         publish("guided-pretrain-summary", pretrain_markdown(params.model_dump(), run.summary,
                                                               result.history))

@@ -20,6 +20,7 @@ from vitsem.cli.console import (
     print_rejected,
 )
 from vitsem.cli.local import ModelOpt, SplitOpt, default_model
+from vitsem.pretrain.maskers import MASKERS
 
 AUDIT_CRON = "0 3 * * *"
 DEMO_MODEL = "vitsem-tiny-vit"
@@ -96,7 +97,7 @@ def pretrain(
     data: Annotated[Path | None, typer.Argument(
         help="Benchmark folder (train split to pre-train on, test split for the probes).")
     ] = None,
-    masker: Annotated[str, typer.Option(help="random, sift, sift-hint or kamim.")] = "sift",
+    masker: Annotated[str, typer.Option(help=", ".join(MASKERS) + ".")] = "sift",
     alpha: Annotated[float, typer.Option(help="sift exponent (< 0 keeps semantic patches "
                                               "visible).")] = 1.0,
     mask_ratio: Annotated[float, typer.Option(help="Share of patches masked.")] = 0.75,

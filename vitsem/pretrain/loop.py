@@ -22,7 +22,7 @@ from vitsem.method.concentration import SemanticConfig
 from vitsem.method.models import ModelSpec, create_model
 from vitsem.method.training import warmup_cosine_lr
 from vitsem.pretrain.mae import MaskedAutoencoder
-from vitsem.pretrain.maskers import MASKERS, MaskSpec, loss_weights, make_mask
+from vitsem.pretrain.maskers import MASKERS, NEEDS_ATTENTION, MaskSpec, loss_weights, make_mask
 from vitsem.pretrain.probe import check_probe_data, encode_all, knn_accuracy, linear_probe_accuracy
 
 
@@ -147,7 +147,7 @@ def _lr(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
 def train_epoch(state: PretrainState, data: PretrainData, cfg: PretrainConfig
                 ) -> dict[str, float]:
     """One epoch over ``data.images``; returns the mean loss and the seconds spent in all
-    and in masking."""
+    and in masking (for ``attmask`` that includes the attention forward)."""
     model, device = state.model, cfg.device
     model.train()
     m = len(data.images)
@@ -161,7 +161,14 @@ def train_epoch(state: PretrainState, data: PretrainData, cfg: PretrainConfig
         x = data.images[idx].to(device, non_blocking=True)
         w = data.weights[idx].to(device, non_blocking=True)
         tm = time.perf_counter()
-        mask = make_mask(cfg.masker, w, cfg.mask, state.mask_gen)
+        if cfg.masker in NEEDS_ATTENTION:
+            # AttMask: the current encoder's CLS attention with every patch visible, from a
+            # no-grad forward before this step (its cost counts as masking time).
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                scores = model.cls_attention(x)
+            mask = make_mask(cfg.masker, scores.float(), cfg.mask, state.mask_gen)
+        else:
+            mask = make_mask(cfg.masker, w, cfg.mask, state.mask_gen)
         lw = loss_weights(cfg.masker, w, cfg.mask)
         mask_seconds += time.perf_counter() - tm
         for group in state.optimizer.param_groups:

@@ -90,6 +90,31 @@ class MaskedAutoencoder(nn.Module):
         x = enc.norm_pre(x) if hasattr(enc, "norm_pre") else x
         return enc.norm(enc.blocks(x))
 
+    @torch.no_grad()
+    def cls_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N) attention of the first prefix token (CLS) to the patch tokens in the last
+        block, averaged over heads and renormalised over the patches, with every patch
+        visible (a no-grad forward; AttMask's ranking). Encoders without a prefix token
+        rank by the mean attention each patch receives instead."""
+        enc: Any = self.encoder
+        x = enc.patch_embed(images) + self._patch_pos()
+        prefix = self._prefix()
+        if prefix is not None:
+            x = torch.cat([prefix.expand(len(x), -1, -1), x], 1)
+        x = enc.norm_pre(x) if hasattr(enc, "norm_pre") else x
+        *body, last = list(enc.blocks)
+        for block in body:
+            x = block(x)
+        attn: Any = last.attn
+        b, t, _ = x.shape
+        qkv = attn.qkv(last.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)  # (B, H, T, T)
+        rows = a[:, :, 0] if self.num_prefix > 0 else a.mean(2)
+        cls = rows[..., self.num_prefix:].mean(1)
+        return cls / cls.sum(1, keepdim=True).clamp_min(1e-12)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) image features for probing: the mean of the patch tokens."""
         return self.encode(images)[:, self.num_prefix:].mean(1)

@@ -107,6 +107,34 @@ def sift_hint_mask(w: torch.Tensor, spec: MaskSpec, generator: torch.Generator
     return (mask & ~reveal) | extra
 
 
+def attmask_mask(attention: torch.Tensor, spec: MaskSpec, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """AttMask (Kakogeorgiou et al. 2022) for MAE: mask the ``round(ratio * N)`` patches
+    that the encoder's own CLS attention (B, N) ranks highest; equal attention is ordered
+    by a random permutation from ``generator`` (deterministic given its state). With
+    ``hint_ratio`` > 0 (AttMask-Hint), that share of the masked patches, drawn uniformly
+    among the most attended ones, is revealed and as many of the next most attended visible
+    patches are masked instead, so the ratio stays exact; ``hint_ratio=0`` is AttMask-High.
+    The loop passes the attention in place of the keypoint weights (see
+    :data:`NEEDS_ATTENTION`)."""
+    b, n = attention.shape
+    k = spec.num_masked(n)
+    # A random order per row, then a stable sort by attention: ties follow that order.
+    perm = torch.rand((b, n), generator=generator, device=generator.device
+                      ).to(attention.device).argsort(1)
+    ranked = torch.sort(attention.gather(1, perm), dim=1, descending=True, stable=True)
+    order = perm.gather(1, ranked.indices)  # patch indices, most attended first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device)
+                                            .expand(b, n).contiguous())
+    mask = rank < k
+    hints = min(round(spec.hint_ratio * k), n - k)
+    if hints == 0:
+        return mask
+    reveal = _uniform_among(mask, hints, generator)
+    extra = (rank >= k) & (rank < k + hints)  # the next most attended visible patches
+    return (mask & ~reveal) | extra
+
+
 Masker = Callable[[torch.Tensor, MaskSpec, torch.Generator], torch.Tensor]
 
 MASKERS: dict[str, Masker] = {
@@ -114,8 +142,14 @@ MASKERS: dict[str, Masker] = {
     "sift": sift_mask,
     "sift-hint": sift_hint_mask,
     "kamim": random_mask,  # random masking; the keypoint weighting is in the loss
+    "attmask": attmask_mask,
 }
 """Registry of maskers by name; ``kamim`` masks at random and weights the loss."""
+
+NEEDS_ATTENTION = frozenset({"attmask"})
+"""Maskers that rank patches by the encoder's CLS attention instead of keypoint weights:
+the loop computes it for each batch (:meth:`MaskedAutoencoder.cls_attention`) and passes
+it as the masker's first argument."""
 
 
 def loss_weights(masker: str, w: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
