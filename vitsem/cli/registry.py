@@ -22,9 +22,9 @@ NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 
 def _client() -> object:
     from vitsem.platform.settings import Settings
-    from vitsem.platform.tracking import open_client
+    from vitsem.platform.tracking import client_for
 
-    return open_client(Settings().resolved_mlflow_uri())
+    return client_for(Settings())
 
 
 def _signed(value: float | None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib.pyplot as plt
 
@@ -23,14 +22,6 @@ __all__ = ["CURVES_ARTIFACT", "log_curves", "register_encoder_once"]
 CURVES_ARTIFACT = "curves/pretrain-curves.png"
 
 
-def _client(settings: Settings) -> Any:
-    import mlflow
-
-    uri = settings.resolved_mlflow_uri()
-    mlflow.set_tracking_uri(uri)  # as tracking does: artifact repositories read it
-    return tracking.open_client(uri)
-
-
 def register_encoder_once(settings: Settings, checkpoint: Path, name: str, alias: str,
                           run_id: str | None) -> tuple[str | None, str, bool]:
     """Register ``checkpoint`` as a version of model ``name`` with ``alias``, unless a
@@ -42,7 +33,7 @@ def register_encoder_once(settings: Settings, checkpoint: Path, name: str, alias
     Returns (run id, version, whether a new version was registered)."""
     spec = read_checkpoint_spec(checkpoint)
     if spec is not None:
-        client = _client(settings)
+        client = tracking.client_for(settings)
         found = version_of_checksum(client, model_checksum(spec, checkpoint))
         if found is not None and found.name == name and (
                 run_id is None or client.get_model_version(name, found.version).run_id == run_id):
@@ -62,6 +53,6 @@ def log_curves(settings: Settings, run_id: str, history: Sequence[dict[str, floa
         path = Path(tmp) / Path(CURVES_ARTIFACT).name
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        client = _client(settings)
+        client = tracking.client_for(settings)
         client.log_artifact(run_id, str(path), artifact_path=str(Path(CURVES_ARTIFACT).parent))
     return CURVES_ARTIFACT

@@ -82,7 +82,9 @@ def open_client(uri: str, attempts: int = 5) -> Any:
         return client
 
 
-def _client(settings: Settings) -> Any:
+def client_for(settings: Settings) -> Any:
+    """The MLflow client of ``settings`` (its URI also set as MLflow's tracking URI: artifact
+    repositories read it)."""
     import mlflow
 
     uri = settings.resolved_mlflow_uri()
@@ -90,10 +92,11 @@ def _client(settings: Settings) -> Any:
     return open_client(uri)
 
 
+
 def experiment_id(settings: Settings, flow_name: str) -> str:
     """The experiment ``vitsem/<flow>``, created on first use with its artifacts beside the
     project's artifact store (S3 when configured)."""
-    client = _client(settings)
+    client = client_for(settings)
     name = f"vitsem/{flow_name}"
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -124,7 +127,7 @@ def _new_run(settings: Settings, flow_name: str, lineage: Lineage | None,
     """A new run of ``vitsem/<flow>``, or a child of the lineage's parent run (in the
     parent's experiment, so the MLflow UI nests it), named and tagged by ``lineage``; its
     data set logged as an input."""
-    client = _client(settings)
+    client = client_for(settings)
     all_tags = {"vitsem.flow": flow_name, **(tags or {})}
     if lineage is None:
         return client, client.create_run(experiment_id(settings, flow_name), tags=all_tags)
@@ -225,7 +228,7 @@ def run_url(settings: Settings, run_id: str) -> str | None:
     uri = settings.resolved_mlflow_uri()
     if not uri.startswith("http"):
         return None
-    client = _client(settings)
+    client = client_for(settings)
     exp = client.get_run(run_id).info.experiment_id
     return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
 
@@ -243,7 +246,7 @@ def register_checkpoint(settings: Settings, checkpoint: Path, name: str, alias: 
 
     from vitsem.platform.mlflow_flavor import save_pyfunc
 
-    client = _client(settings)
+    client = client_for(settings)
     if run_id is None:
         run = client.create_run(experiment_id(settings, "train"), tags={"vitsem.flow": "train"})
         run_id = str(run.info.run_id)
@@ -276,20 +279,20 @@ def resolve_model(settings: Settings, checkpoint: str | None
     is resolved through the registry and downloaded once; a path passes through."""
     if not is_model_uri(checkpoint):
         return checkpoint, None
-    path, ref = resolve_checkpoint(settings, _client(settings), str(checkpoint))
+    path, ref = resolve_checkpoint(settings, client_for(settings), str(checkpoint))
     return str(path), ref
 
 
 def registry_version(settings: Settings, checksum: str) -> RegistryVersion | None:
     """The registered version whose weights have ``checksum`` (None when unregistered)."""
-    return version_of_checksum(_client(settings), checksum)
+    return version_of_checksum(client_for(settings), checksum)
 
 
 def audit_changes(settings: Settings, run_id: str, lineage: Lineage,
                   max_worst_group_drop: float) -> list[AuditEvent]:
     """The events an audit run (``run_id``) raises against the previous audit of the same
     model (the registered model, or the same weights when unregistered)."""
-    client = _client(settings)
+    client = client_for(settings)
     current = AuditRecord.from_run(client.get_run(run_id))
     key, by = ((lineage.registry.name, "registered_model") if lineage.registry
                else (lineage.model_checksum, "model.checksum"))
@@ -315,7 +318,7 @@ def finish_parent_run(settings: Settings, run_id: str, children: list[str],
     the parents of nightly audits compare side by side) and close it as ``status``."""
     from mlflow.entities import Metric, RunTag
 
-    client = _client(settings)
+    client = client_for(settings)
     ts = int(time.time() * 1000)
     metrics, tags = [], []
     for child in children:
@@ -333,7 +336,7 @@ def log_epoch(settings: Settings, run_id: str | None, params: dict[str, Any],
     ``vitsem/guided_pretrain`` with ``params`` on the first epoch. Returns the run id."""
     from mlflow.entities import Metric, Param
 
-    client = _client(settings)
+    client = client_for(settings)
     if run_id is None:
         run = client.create_run(experiment_id(settings, "guided_pretrain"),
                                 tags={"vitsem.flow": "guided_pretrain"})
@@ -351,7 +354,7 @@ def log_audit_scores(settings: Settings, run_id: str, summary: dict[str, Any]) -
     and gap closed per method) to its run."""
     from mlflow.entities import Metric
 
-    client = _client(settings)
+    client = client_for(settings)
     ts = int(time.time() * 1000)
     metrics = [Metric(metric_name("faithfulness", m, "abpc"), float(f["abpc"]), ts, 0)
                for m, f in summary.get("faithfulness", {}).items() if f["abpc"] == f["abpc"]]
@@ -369,7 +372,7 @@ def register_repair(settings: Settings, run_id: str, checkpoint: Path, family: s
     """Register a repaired checkpoint as a new version of model ``family`` (alias
     ``repaired``), logged to the audit's run and tagged with the audit; the version of an
     audit already registered is returned, not registered again. Returns the version."""
-    client = _client(settings)
+    client = client_for(settings)
     quoted = family.replace("'", "\\'")
     for v in client.search_model_versions(f"name = '{quoted}'"):
         if v.tags.get("vitsem.audit_digest") == audit_digest:
