@@ -9,7 +9,9 @@ FROM python:3.11.11-slim-bookworm
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VITSEM_HOME=/data/vitsem
-RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+# g++: torch.compile builds the fused attention-statistics kernel (vitsem/method/row_stats.py)
+# with it; without one the analysis warns once and runs the slower eager path.
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # The pinned torch from the chosen index (CPU wheels keep the default image small).

@@ -3,6 +3,7 @@
 Prints, measured side by side in this one run on the same model, batch and device:
   (a) plain inference throughput with timm's fused attention,
   (b) inference + full attention capture + every interrelation statistic, and (b)/(a);
+  (b') the same with the statistics' eager path (VITSEM_FUSED_STATS=0), side by side;
   (c) SIFT images/s on one core and on all cores, and the parallel efficiency;
   (d) peak memory (max RSS) of a 5,000-image analysis against a 500-image one;
   (e) peak memory (max RSS) of DINOv2-S/14 at 518 px (1,370 tokens), batch 16: a plain
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from vitsem.method.analysis import InterrelationAnalyzer, SemanticBatch
 from vitsem.method.attention import token_layout
 from vitsem.method.concentration import concentration
 from vitsem.method.keypoints import ViewedKeypoints, default_workers, sift_files
+from vitsem.method.row_stats import use_fused
 from vitsem.method.view import ModelView
 
 
@@ -67,27 +70,46 @@ def bench_capture(paths: list[Path], batch: int, repeats: int) -> dict[str, floa
     x = view.to_tensor(np.stack([it.view for it in items]))
     sem = SemanticBatch.from_concentrations(c)
     analyzer = InterrelationAnalyzer(model, layout)
-    plain, full = [], []
-    with torch.inference_mode():
-        model(x)
-        analyzer.run(x, sem)  # warm-up: allocator, workspaces
-        for _ in range(repeats):  # interleaved so drift hits both alike
-            t = time.perf_counter()
+    fused_env = os.environ.get("VITSEM_FUSED_STATS")
+
+    def analysis(fused: bool) -> None:
+        os.environ["VITSEM_FUSED_STATS"] = "1" if fused else "0"
+        analyzer.run(x, sem)
+
+    plain: list[float] = []
+    full: list[float] = []
+    eager: list[float] = []
+    try:
+        with torch.inference_mode():
             model(x)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            analyzer.run(x, sem)
-            full.append(time.perf_counter() - t)
+            analysis(True)  # warm-up: allocator, workspaces, the kernel's compilation
+            analysis(False)
+            for _ in range(repeats):  # interleaved so drift hits all alike
+                for times, run in ((plain, lambda: model(x)), (full, lambda: analysis(True)),
+                                   (eager, lambda: analysis(False))):
+                    t = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t)
+    finally:
+        if fused_env is None:
+            os.environ.pop("VITSEM_FUSED_STATS", None)
+        else:
+            os.environ["VITSEM_FUSED_STATS"] = fused_env
     a = batch / statistics.median(plain)
     b = batch / statistics.median(full)
+    e = batch / statistics.median(eager)
     pairs = [p / f for p, f in zip(plain, full, strict=True)]  # per interleaved pair
+    eager_pairs = [p / f for p, f in zip(plain, eager, strict=True)]
     return {"batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
+            "fused": use_fused((batch, 6, 197, 197)),
             "plain_img_s": a, "plain_img_s_min": batch / max(plain),
             "plain_img_s_max": batch / min(plain), "capture_stats_img_s": b,
             "capture_stats_img_s_min": batch / max(full),
             "capture_stats_img_s_max": batch / min(full), "ratio": b / a,
             "ratio_pair_median": statistics.median(pairs), "ratio_pair_min": min(pairs),
-            "ratio_pair_max": max(pairs)}
+            "ratio_pair_max": max(pairs), "eager_img_s": e, "eager_ratio": e / a,
+            "eager_ratio_pair_median": statistics.median(eager_pairs),
+            "eager_ratio_pair_min": min(eager_pairs), "eager_ratio_pair_max": max(eager_pairs)}
 
 
 def bench_sift(paths: list[Path], repeats: int) -> dict[str, float]:
@@ -213,7 +235,12 @@ def main() -> None:
                   f"{cap['capture_stats_img_s_max']:.1f})")
             print(f"    ratio (b)/(a) of the medians     : {cap['ratio']:8.3f}   target >= 0.90")
             print(f"    ratio per interleaved pair       : {cap['ratio_pair_median']:8.3f} "
-                  f"median, range {cap['ratio_pair_min']:.3f}-{cap['ratio_pair_max']:.3f}")
+                  f"median, range {cap['ratio_pair_min']:.3f}-{cap['ratio_pair_max']:.3f}"
+                  f" (statistics {'fused' if cap['fused'] else 'eager'})")
+            print(f"(b') the same, VITSEM_FUSED_STATS=0  : {cap['eager_img_s']:8.1f} img/s; ratio "
+                  f"{cap['eager_ratio']:.3f}, per pair {cap['eager_ratio_pair_median']:.3f} "
+                  f"median, range {cap['eager_ratio_pair_min']:.3f}-"
+                  f"{cap['eager_ratio_pair_max']:.3f} (the eager reference path)")
         if "highres" in rows:
             figures["highres"] = hr = bench_highres_memory()
             print(f"(e) peak RSS, DINOv2-S/14 {hr['size']} px, batch {hr['batch']} "

@@ -4,12 +4,15 @@ cases with known answers, and the streaming accumulation against the batch compu
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import timm
 import torch
 
+from vitsem.method import row_stats
 from vitsem.method.analysis import InterrelationAnalyzer, SemanticBatch, interrelation_stats
 from vitsem.method.attention import AttentionBlock, TokenLayout, token_layout
 from vitsem.method.concentration import TokenGrid, concentration_levels, patch_weights
@@ -218,3 +221,71 @@ def test_capture_statistics_do_not_depend_on_the_memory_budget() -> None:
         np.testing.assert_allclose(rows.stats[name], v, rtol=1e-5, atol=1e-6, err_msg=name)
     assert whole.cls_maps is not None and rows.cls_maps is not None
     np.testing.assert_allclose(rows.cls_maps, whole.cls_maps, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def fused_always(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every block through the compiled kernel, however small; fails if it fell back."""
+    monkeypatch.setattr(row_stats, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(row_stats, "_failed", set())
+    monkeypatch.setenv("VITSEM_FUSED_STATS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
+    assert not row_stats._failed, "the fused kernel did not compile"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_kernel_matches_the_literal_reference(fused_always: None, masked: bool) -> None:
+    attn, c = _random_case(2, 3, 1, seed=11)
+    logits = attn.logits.clone()
+    if masked:
+        logits[..., 1 + 4] = float("-inf")  # nobody may attend to patch 4
+    block = AttentionBlock.from_logits(logits)
+    assert row_stats.use_fused(block.shape) and block.masked == masked
+    layout = TokenLayout(1, True, GRID)
+    s = interrelation_stats(block, SemanticBatch.from_concentrations(c), layout,
+                            torch.from_numpy(GRID.distances().astype(np.float32)))
+    ref = _reference(block.probs.double().numpy(), c, 1, True)
+    for name, value in ref.items():
+        np.testing.assert_allclose(s[name].numpy(), value, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_fused_and_eager_analyses_agree_on_a_real_model(monkeypatch: pytest.MonkeyPatch,
+                                                        fused_always: None) -> None:
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
+                              depth=2).eval()
+    layout = token_layout(model, (64, 64))
+    x = torch.randn(3, 3, 64, 64)
+    c = np.random.default_rng(5).poisson(1.0, size=(3, layout.grid.num_patches)).astype(float)
+    sem = SemanticBatch.from_concentrations(c)
+    fused = InterrelationAnalyzer(model, layout).run(x, sem)
+    monkeypatch.setenv("VITSEM_FUSED_STATS", "0")
+    eager = InterrelationAnalyzer(model, layout).run(x, sem)
+    assert torch.equal(fused.logits, eager.logits)
+    for name, v in eager.stats.items():
+        np.testing.assert_allclose(fused.stats[name], v, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_same_figures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler() -> None:
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(row_stats, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(row_stats, "_failed", set())
+    monkeypatch.setattr(row_stats, "_compiled_kernel", no_compiler)
+    attn, c = _random_case(2, 3, 1, seed=13)
+    layout = TokenLayout(1, True, GRID)
+    sem = SemanticBatch.from_concentrations(c)
+    dist = torch.from_numpy(GRID.distances().astype(np.float32))
+    with pytest.warns(RuntimeWarning, match="could not compile on cpu.*VITSEM_FUSED_STATS=0"):
+        s = interrelation_stats(attn, sem, layout, dist)
+    assert row_stats._failed == {"cpu"}
+    with warnings.catch_warnings():  # said once per device, then eager without a word
+        warnings.simplefilter("error", RuntimeWarning)
+        again = interrelation_stats(attn, sem, layout, dist)
+    ref = _reference(attn.probs.double().numpy(), c, 1, True)
+    for name, value in ref.items():
+        np.testing.assert_allclose(s[name].numpy(), value, rtol=2e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_array_equal(again[name].numpy(), s[name].numpy())

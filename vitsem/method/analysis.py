@@ -23,6 +23,7 @@ from vitsem.method.attention import (
     num_layers_heads,
 )
 from vitsem.method.concentration import concentration_levels, patch_weights
+from vitsem.method.row_stats import row_reductions, use_fused
 
 PER_HEAD_STATS: dict[str, str] = {
     "semantic_mass": "mean over queries of the A_pp mass on keypoint patches; shape ()",
@@ -90,7 +91,8 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
     The map is read over chunks of query rows that fit the block's memory budget, and only
     its patch-to-patch part and CLS row: A_pp = E / r with E = exp(s - max s) of the raw
     patch scores s and r its row sum, so the softmax over all tokens is never normalised.
-    Per query it keeps the level masses, the distance and the entropy (B, H, N, ...)."""
+    Per query it keeps the level masses, the distance and the entropy (B, H, N, ...), from
+    :func:`~vitsem.method.row_stats.row_reductions` (one fused pass when compiled)."""
     p = layout.num_prefix
     n = layout.grid.num_patches
     b, h, t, _ = block.shape
@@ -105,28 +107,17 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
     level_mass = torch.empty(b, h, n, k, device=block.device)
     dist = torch.empty(b, h, n, device=block.device)
     ent = torch.empty(b, h, n, device=block.device)
-    step = block.chunk_rows(buffers=3, keys=n)
+    fused = use_fused(block.shape)
+    # The fused kernel keeps no (B, H, R, N) temporary besides the scores; the eager path
+    # keeps three. Fewer, larger chunks measured faster: the matmul then runs at full size.
+    step = block.chunk_rows(buffers=1 if fused else 3, keys=n)
     for a in range(0, n, step):
         z = min(a + step, n)
-        # Shifted patch scores l = s - max s (B, H, R, N) and E = exp(l), both in reused
-        # buffers: fresh (B, H, R, N) temporaries cost more in page faults than arithmetic.
-        shifted = block.scores(slice(p + a, p + z), slice(p, None), out="stats_scores")
-        shifted.sub_(shifted.amax(-1, keepdim=True))
-        e = torch.exp(shifted, out=ws.get("stats_exp", shifted.shape, block.device))
-        # One batched matmul gives each query's mass on every level and its row sum r.
-        # (B, H * R, N) @ (B, N, K + 1): one bmm per image, not a broadcast over heads.
-        sums = torch.bmm(e.flatten(1, 2), levels_ones).view(b, h, z - a, k + 1)
-        inv_row = sums[..., k].reciprocal()  # r > 0: the row maximum contributes exp(0) = 1
-        level_mass[:, :, a:z] = sums[..., :k] * inv_row[..., None]
-        prod = ws.get("stats_prod", shifted.shape, block.device)
-        dist[:, :, a:z] = torch.mul(e, distances[a:z], out=prod).sum(-1) * inv_row
-        # Row entropy of A_pp = E / r without a logarithm of the map:
-        # H = log r - sum_j E l / r.
-        if block.masked:  # 0 * -inf where a key is masked out: it contributes nothing
-            plogit = torch.mul(e, shifted, out=prod).nan_to_num_(nan=0.0).sum(-1)
-        else:  # a row-wise dot product, without the elementwise temporary
-            plogit = torch.einsum("bhrn,bhrn->bhr", e, shifted)
-        ent[:, :, a:z] = plogit.mul_(inv_row).neg_().sub_(inv_row.log())
+        scores = block.scores(slice(p + a, p + z), slice(p, None), out="stats_scores")
+        scratch = (ws.get("stats_exp", scores.shape, block.device),
+                   ws.get("stats_prod", scores.shape, block.device))
+        level_mass[:, :, a:z], dist[:, :, a:z], ent[:, :, a:z] = row_reductions(
+            scores, levels_ones, distances[a:z], block.masked, scratch, fused)
 
     counts = onehot.sum(1)  # (B, K)
     n_sem = sem.semantic.sum(1)  # (B,)
