@@ -289,3 +289,25 @@ def test_a_kernel_that_cannot_compile_falls_back_to_the_same_figures(
     for name, value in ref.items():
         np.testing.assert_allclose(s[name].numpy(), value, rtol=2e-4, atol=2e-5, err_msg=name)
         np.testing.assert_array_equal(again[name].numpy(), s[name].numpy())
+
+
+def test_fused_kernel_called_from_threads_at_once_gives_each_its_own_figures(
+        fused_always: None) -> None:
+    """Flows analyse shards on threads; torch.compile itself is not thread-safe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_random_case(2, 3, 1, seed=20 + i) for i in range(4)]
+    layout = TokenLayout(1, True, GRID)
+    dist = torch.from_numpy(GRID.distances().astype(np.float32))
+
+    def stats(i: int) -> dict[str, np.ndarray]:
+        attn, c = cases[i]
+        out = interrelation_stats(attn, SemanticBatch.from_concentrations(c), layout, dist)
+        return {k: v.numpy() for k, v in out.items()}
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(stats, range(4)))
+    for (attn, c), got in zip(cases, results, strict=True):
+        ref = _reference(attn.probs.double().numpy(), c, 1, True)
+        for name, value in ref.items():
+            np.testing.assert_allclose(got[name], value, rtol=2e-4, atol=2e-5, err_msg=name)

@@ -103,7 +103,9 @@ def row_reductions_eager(scores: torch.Tensor, onehot_and_ones: torch.Tensor,
 
 _compiled: Callable[..., RowReductions] | None = None
 _failed: set[str] = set()
-_guard = threading.Lock()
+_guard = threading.RLock()
+"""Held while the kernel compiles and runs: torch.compile is not thread-safe (pytorch issues
+105943, 118260), and flows analyse shards on threads. Each call uses every core anyway."""
 
 
 def _compiled_kernel() -> Callable[..., RowReductions]:
@@ -127,7 +129,8 @@ def row_reductions(scores: torch.Tensor, onehot_and_ones: torch.Tensor,
     device = scores.device.type
     if fused and device not in _failed:
         try:
-            return _compiled_kernel()(scores, onehot_and_ones[..., :-1], distances)
+            with _guard:
+                return _compiled_kernel()(scores, onehot_and_ones[..., :-1], distances)
         except Exception as exc:  # no compiler, no Triton, an unsupported device
             _failed.add(device)
             msg = (f"vitsem: the fused attention-statistics kernel could not compile on "
