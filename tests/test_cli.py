@@ -91,3 +91,40 @@ def test_bad_option_values_are_one_line_and_exit_2(args: list[str], says: str,
     assert says in result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_runner_options_reach_the_flow_as_its_runner_parameter(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--runner` / `--dask-address` choose the task runner per run, as a deployment's
+    `runner` parameter does; a contradictory pair is refused before any work."""
+    import flows.spurious_audit as audit_flow
+    from flows.runners import RunnerParams
+
+    seen: list[RunnerParams | None] = []
+
+    def stop_here(params: object, runner: RunnerParams | None = None) -> None:
+        seen.append(runner)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(audit_flow, "spurious_audit", stop_here)
+    data = tmp_path / "d"
+    assert runner.invoke(app, ["data", "make", "--out", str(data), "--n-train", "8",
+                               "--n-test", "8"]).exit_code == 0
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"")  # never read: the flow is replaced
+    base = ["audit", str(data), "--checkpoint", str(ckpt)]
+    for extra, want in [([], None),
+                        (["--runner", "dask"], RunnerParams(kind="dask")),
+                        (["--dask-address", "tcp://10.0.0.5:8786"],
+                         RunnerParams(kind="dask", address="tcp://10.0.0.5:8786")),
+                        (["--runner", "thread"], RunnerParams(kind="thread"))]:
+        seen.clear()
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert seen == [want]
+    seen.clear()
+    bad = runner.invoke(app, [*base, "--runner", "thread", "--dask-address", "tcp://h:8786"])
+    assert bad.exit_code != 0 and "--dask-address needs --runner dask" in bad.output
+    assert seen == []
+    wrong = runner.invoke(app, [*base, "--runner", "mpi"])
+    assert wrong.exit_code != 0 and "mpi" in wrong.output

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -22,12 +22,34 @@ from vitsem.cli.console import (
 from vitsem.cli.local import ModelOpt, SplitOpt, default_model
 from vitsem.pretrain.maskers import MASKERS
 
+if TYPE_CHECKING:
+    from flows.runners import RunnerParams
+
 AUDIT_CRON = "0 3 * * *"
 DEMO_MODEL = "vitsem-tiny-vit"
 
 CheckpointOpt = Annotated[str | None, typer.Option(
     help="Weights: a registered version models:/<name>@<alias> (or models:/<name>/<version>), "
          "a vitsem .safetensors checkpoint, or a state_dict (.safetensors/.pt/.pth).")]
+
+RunnerOpt = Annotated[Literal["thread", "dask"] | None, typer.Option(
+    help="Where the flow's tasks run: thread, or dask (a LocalCluster the run starts, or "
+         "--dask-address). Default: VITSEM_TASK_RUNNER.")]
+DaskAddressOpt = Annotated[str | None, typer.Option(
+    help="Scheduler of a running Dask cluster, tcp://host:8786 (implies --runner dask).")]
+
+
+def runner_params(runner: Literal["thread", "dask"] | None, dask_address: str | None
+                  ) -> RunnerParams | None:
+    """The flow's ``runner`` parameter from the command's options (None: the settings')."""
+    from flows.runners import RunnerParams
+    from vitsem.errors import ConfigError
+
+    if dask_address and runner == "thread":
+        raise ConfigError("--dask-address needs --runner dask (or no --runner), not thread")
+    if runner is None and dask_address is None:
+        return None
+    return RunnerParams(kind="dask" if dask_address else runner, address=dask_address)
 
 
 def data_and_model(data: Path | None, checkpoint: str | Path | None, model: str | None
@@ -63,6 +85,8 @@ def audit(
         "(registered in MLflow as a new model version); 0: no repair."))] = 0.0,
     family: Annotated[str | None, typer.Option(help=(
         "Model family whose review decisions carry (default: the model's name)."))] = None,
+    runner: RunnerOpt = None,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Spurious-correlation audit: candidate shortcuts, causal check, prompting.
 
@@ -80,7 +104,7 @@ def audit(
     params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
                          top_fraction=top_fraction, repair_holdout=repair_holdout,
                          family=family)
-    result = spurious_audit(params)
+    result = spurious_audit(params, runner=runner_params(runner, dask_address))
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
     rejected = [Rejected(path_from_text(r["path"]), r["reason"], r["detail"])
@@ -106,6 +130,8 @@ def pretrain(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")
                       ] = "auto",
+    runner: RunnerOpt = None,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Keypoint-guided MAE pre-training (the `guided_pretrain` flow).
 
@@ -118,7 +144,7 @@ def pretrain(
                             masker=masker, alpha=alpha,  # type: ignore[arg-type]
                             mask_ratio=mask_ratio, epochs=epochs, limit=limit, seed=seed,
                             device=device)
-    result = guided_pretrain(params)
+    result = guided_pretrain(params, runner=runner_params(runner, dask_address))
     print_pretrain(masker, result["history"])
     console.print(f"resumed from epoch {result['resumed_from_epoch']}; encoder registered as "
                   f"{result['registered']}; checkpoints under {result['checkpoints']}")
@@ -220,7 +246,7 @@ def serve_until_terminated(deployments: list[Any]) -> None:
 
 
 @command()
-def demo() -> None:
+def demo(runner: RunnerOpt = None, dask_address: DaskAddressOpt = None) -> None:
     """Run the whole pipeline through the flows on the embedded defaults.
 
     Benchmark data, a tiny ViT (trained once, registered in MLflow), SIFT extraction,
@@ -238,7 +264,8 @@ def demo() -> None:
             settings, ckpt, DEMO_MODEL, "champion", {"checkpoint": ckpt.name}, {})
         marker.write_text(f"{run_id} {version}\n")
     result = model_audit(ModelAuditParams(data=str(data_dir.resolve()),
-                                          checkpoint=f"models:/{DEMO_MODEL}@champion"))
+                                          checkpoint=f"models:/{DEMO_MODEL}@champion"),
+                         runner=runner_params(runner, dask_address))
     analysis = result["attention_analysis"]
     print_profile(analysis["layer_profile"])
     if result.get("spurious_audit"):
