@@ -215,7 +215,13 @@ def main() -> None:
             if time.perf_counter() - t_start > 60 * args.budget_min:
                 print(f"budget of {args.budget_min} min spent; stopping before {s}")
                 break
-            row = run_one(s, args.out / "work", args)
+            try:
+                row = run_one(s, args.out / "work", args)
+            except Exception:  # one broken run must not end the shard: say so, go on
+                import traceback
+
+                print(f"{s}: FAILED\n{traceback.format_exc()}", flush=True)
+                continue
             done.append(row)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
