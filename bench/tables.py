@@ -160,6 +160,12 @@ def print_tables(rows: list[Row]) -> None:
     print(f"\nper run: {np.mean([r['train_seconds'] for r in rows]):.0f} s data+training, "
           f"{np.mean([r['audit_seconds'] for r in rows]):.0f} s audit; total "
           f"{sum(secs) / 60:.1f} min over {len(rows)} runs")
+    cpu = [r for r in rows if "train_cpu_seconds" in r]
+    if cpu:  # wall time on a shared machine counts other jobs' time; CPU time does not
+        print(f"per run, CPU time of the bench process: "
+              f"{np.mean([r['train_cpu_seconds'] for r in cpu]):.0f} s training, "
+              f"{np.mean([r['audit_cpu_seconds'] for r in cpu]):.0f} s audit (SIFT workers "
+              f"not counted; {len(cpu)} runs)")
 
 
 def plot(rows: list[Row], path: Any) -> None:

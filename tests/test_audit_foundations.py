@@ -98,7 +98,11 @@ def test_patch_coverage_and_off_object_share() -> None:
 # Discovery and the causal check on hand-built cases.
 
 from vitsem.audit.causal import causal_check, matched_random_drop  # noqa: E402
-from vitsem.audit.discovery import discover_candidates, match_patches  # noqa: E402
+from vitsem.audit.discovery import (  # noqa: E402
+    discover_candidates,
+    match_patches,
+    recurring_positions,
+)
 
 
 def _synthetic(planted: bool, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray],
@@ -143,6 +147,66 @@ def test_no_candidate_without_a_recurring_pattern() -> None:
     assert discover_candidates(descs, patches, attention, predicted) == []
     assert discover_candidates([np.zeros((0, 128))] * 2, [np.zeros(0)] * 2,
                                np.full((2, 4), 0.25), np.array([0, 1])) == []
+
+
+def _stamp_attention(stamped: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """60 images on a 4 x 4 grid, 3 classes, no keypoint anywhere. With ``stamped``, four
+    of five class-0 images carry a stamp across patches 14 and 15 (bottom right)
+    where their attribution peaks; every image also peaks at one random place (its
+    object)."""
+    rng = np.random.default_rng(seed)
+    predicted = np.repeat([0, 1, 2], 20)
+    attention = rng.uniform(0.5, 1.0, (60, 16))
+    attention[np.arange(60), rng.integers(0, 16, 60)] = 4.0
+    if stamped:
+        rows = np.flatnonzero(predicted == 0)[:16]
+        attention[rows, 14] = 6.0
+        attention[rows, 15] = 5.0
+        attention[[20, 40], 15] = 6.0  # rarer elsewhere: one image of class 1 and of 2
+    return attention / attention.sum(1, keepdims=True), predicted
+
+
+def test_a_stamp_without_keypoints_is_a_candidate_by_its_place() -> None:
+    attention, predicted = _stamp_attention(stamped=True)
+    # Descriptor discovery has nothing to cluster: no keypoint falls on the stamp.
+    assert discover_candidates([np.zeros((0, 128))] * 60, [np.zeros(0)] * 60, attention,
+                               predicted, top_fraction=0.125) == []
+    cands = recurring_positions(attention, predicted, top_fraction=0.125, grid_hw=(4, 4))
+    assert len(cands) == 1
+    top = cands[0]
+    assert top.cls == 0 and top.centroids.shape == (0, 128) and top.radii.shape == (0,)
+    # Marked: every image whose top two patches touch the stamp's place, with both of its
+    # patches: the 16 stamped ones, the two elsewhere, and objects that happen to peak there.
+    hit = (np.argsort(-attention, 1)[:, :2] >= 14).any(1)
+    assert hit[:16].all() and hit[[20, 40]].all()
+    expected = np.zeros((60, 16), bool)
+    expected[hit, 14:] = True
+    np.testing.assert_array_equal(top.patches, expected)
+    assert top.recurrence == pytest.approx(hit[:20].mean()) and top.recurrence >= 16 / 20
+    assert top.other_rate == pytest.approx(hit[20:].mean())
+    assert top.recurrence >= 1.5 * top.other_rate
+    assert top.attention_lift > 2
+
+
+def test_no_place_candidate_from_chance_peaks_or_a_place_every_class_uses() -> None:
+    # Objects peak at random places: 48 places x classes tested, none passes by chance
+    # (seed 0 has one class peaking at one place in 6 of 20 images against 1 of 40:
+    # p = 0.003 alone, not after the correction for the 48 tests).
+    attention, predicted = _stamp_attention(stamped=False)
+    assert recurring_positions(attention, predicted, top_fraction=0.125, grid_hw=(4, 4)) == []
+    assert recurring_positions(attention, predicted, top_fraction=0.125, grid_hw=(4, 4),
+                               alpha=0.5)  # without the correction it would
+    # A place every class attends to (the centre, say) is not class-specific.
+    attention, predicted = _stamp_attention(stamped=False)
+    attention[:, 5] = 1.0
+    attention /= attention.sum(1, keepdims=True)
+    assert recurring_positions(attention, predicted, top_fraction=0.125, grid_hw=(4, 4)) == []
+    # A few images of one class peaking at one place is chance, not recurrence: 5 of 20
+    # against 1 of 40 is 10x enriched but fails the recurrence floor of 0.3.
+    attention, predicted = _stamp_attention(stamped=False, seed=1)
+    attention[:5, 3] = 1.0
+    assert not [c for c in recurring_positions(attention, predicted, top_fraction=0.125,
+                                               grid_hw=(4, 4)) if c.patches[:, 3].any()]
 
 
 def test_matched_random_drop_avoids_the_candidate() -> None:

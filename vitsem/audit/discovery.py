@@ -196,3 +196,75 @@ def match_patches(centroids: np.ndarray, radii: np.ndarray, descriptors: Sequenc
     desc, img, patch = _flatten(descriptors, keypoint_patches)
     return _match_mask(desc, img, patch, np.asarray(centroids, np.float32),
                        np.asarray(radii, np.float64), (len(descriptors), num_patches))
+
+
+def _components(mask: np.ndarray, grid_hw: tuple[int, int]) -> list[np.ndarray]:
+    """8-connected components of one (N,) bool mask on the (gh, gw) grid, as (N,) masks."""
+    out: list[np.ndarray] = []
+    left = mask.copy()
+    while left.any():
+        comp = np.zeros_like(left)
+        comp[int(np.flatnonzero(left)[0])] = True
+        while True:
+            grown = dilate(comp[None], grid_hw)[0] & left
+            if (grown == comp).all():
+                break
+            comp = grown
+        out.append(comp)
+        left &= ~comp
+    return out
+
+
+def recurring_positions(attention: np.ndarray, predicted: np.ndarray, *,
+                        top_fraction: float = 0.1, min_recurrence: float = 0.3,
+                        min_enrichment: float = 1.5, alpha: float = 0.01,
+                        grid_hw: tuple[int, int] | None = None) -> list[Candidate]:
+    """Candidates that need no keypoint: grid positions that are among an image's most
+    attributed patches in many images of one predicted class and markedly more often than
+    in the other classes' images (a pattern at a fixed place, such as a watermark or a
+    corner stamp, whether or not SIFT fires on it).
+
+    Per class, a position is *recurrent* when it is in the top ``top_fraction`` of the map
+    in at least ``min_recurrence`` of the class's images, at least ``min_enrichment`` times
+    as often as in other classes' images, and significantly so (one-sided Fisher exact test,
+    p < ``alpha`` Bonferroni-corrected over every position and class tested, so chance
+    peaks of a few images do not pass). Each 8-connected group of
+    recurrent positions is one candidate; it marks, in every image where one of its
+    positions is top-attributed, all of its positions. The candidate has no descriptors
+    (``centroids`` (0, 128)): it is found again by its place, not by its look."""
+    from scipy.stats import fisher_exact
+
+    b, n = attention.shape
+    if grid_hw is None:
+        side = round(float(np.sqrt(n)))
+        grid_hw = (side, n // side)
+    top_k = max(1, int(np.ceil(top_fraction * n)))
+    top = np.zeros((b, n), bool)
+    np.put_along_axis(top, np.argsort(-attention, 1)[:, :top_k], True, 1)
+    out: list[Candidate] = []
+    classes = np.unique(predicted)
+    level = alpha / (n * len(classes))
+    for cls in classes:
+        mine = predicted == cls
+        others = ~mine
+        if mine.sum() < 2 or not others.any():
+            continue
+        k_mine, k_other = top[mine].sum(0), top[others].sum(0)
+        rate, other = k_mine / mine.sum(), k_other / others.sum()
+        recurrent = (rate >= min_recurrence) & (rate >= min_enrichment * other)
+        for j in np.flatnonzero(recurrent):
+            table = [[int(k_mine[j]), int(mine.sum() - k_mine[j])],
+                     [int(k_other[j]), int(others.sum() - k_other[j])]]
+            if fisher_exact(table, alternative="greater")[1] >= level:
+                recurrent[j] = False
+        for comp in _components(recurrent, grid_hw):
+            hit = (top & comp[None]).any(1)
+            mask = hit[:, None] & comp[None]
+            recurrence, other_rate = float(hit[mine].mean()), float(hit[others].mean())
+            if recurrence < min_recurrence or recurrence < min_enrichment * other_rate:
+                continue
+            marked = mask & mine[:, None]
+            out.append(Candidate(int(cls), np.zeros((0, 128), np.float32), np.zeros(0),
+                                 int(hit[mine].sum()), recurrence, other_rate,
+                                 float(attention[marked].mean() * n), mask))
+    return sorted(out, key=lambda c: -c.score)

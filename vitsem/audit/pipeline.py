@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from vitsem.audit.causal import CausalResult, causal_check
-from vitsem.audit.discovery import Candidate, discover_candidates, match_patches
+from vitsem.audit.discovery import (
+    Candidate,
+    discover_candidates,
+    match_patches,
+    recurring_positions,
+)
 from vitsem.audit.faithfulness import faithfulness
 from vitsem.audit.grow import grow_candidate
 from vitsem.audit.maps import MAPS
@@ -70,9 +75,12 @@ class AuditConfig:
     significance and minimum probability drop (beyond random) that confirm a candidate;
     ``on_object_limit``: a confirmed candidate whose patches the object covers at least this
     much is the object itself, not a shortcut (needs masks); ``keep_fraction``: patches kept
-    by the keep-top-k prompt; ``grow``/``grow_rings``: grow candidates' patch sets (see
-    :mod:`vitsem.audit.grow`); ``faithfulness_images``/``faithfulness_steps``: images (a
-    seeded sample) and removal fractions of the deletion curves (0 images: skip);
+    by the keep-top-k prompt; ``positions``: also propose recurring top-attributed grid
+    positions as candidates (a pattern at a fixed place that holds no keypoint, see
+    :func:`vitsem.audit.discovery.recurring_positions`); ``grow``/``grow_rings``: grow
+    candidates' patch sets (see :mod:`vitsem.audit.grow`);
+    ``faithfulness_images``/``faithfulness_steps``: images (a seeded sample) and removal
+    fractions of the deletion curves (0 images: skip);
     ``repair_min_images``/``repair_min_per_group``: the least held-out data the repair
     accepts."""
 
@@ -89,6 +97,7 @@ class AuditConfig:
     on_object_limit: float = 0.5
     keep_fraction: float = 0.5
     batch_size: int = 64
+    positions: bool = True
     grow: bool = True
     grow_rings: int = 2
     grow_trials: int = 2
@@ -269,9 +278,24 @@ def repair_audit(model: nn.Module, view: ModelView, data: AuditData, result: Aud
         check_audit_data(heldout, len(data.class_names))
         h_desc, h_patches = _keypoint_arrays(heldout.keypoints, grid)
         present = np.zeros(len(heldout), bool)
+        top = None
         for f in ref.relied:
-            present |= match_patches(f.centroids, f.radii, h_desc, h_patches,
-                                     grid.num_patches).any(1)
+            if len(f.centroids):
+                present |= match_patches(f.centroids, f.radii, h_desc, h_patches,
+                                         grid.num_patches).any(1)
+                continue
+            # A pattern found by its place: present where the map ranks a place top.
+            if top is None:
+                h_conc = np.stack([concentration(k, grid, cfg.semantic.weighting)
+                                   for k in heldout.keypoints])
+                att = _attribution(ref.map, model, view.to_tensor(heldout.views),
+                                   torch.from_numpy(patch_weights(h_conc)).float(),
+                                   cfg.batch_size)
+                k = max(1, int(np.ceil(cfg.top_fraction * grid.num_patches)))
+                top = np.zeros(att.shape, bool)
+                np.put_along_axis(top, np.argsort(-att, 1)[:, :k], True, 1)
+            places = np.asarray(f.seed_patches.any(0), bool)
+            present |= (top & places[None]).any(1)
         rep = repair_last_layer(
             model, view.to_tensor(heldout.views), np.asarray(heldout.labels), present,
             view.to_tensor(data.views), result.labels, result.groups, data.class_names,
@@ -317,6 +341,16 @@ def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
         desc, kp_patches, attribution, predicted, top_fraction=cfg.top_fraction,
         eps_factor=cfg.eps_factor, min_recurrence=cfg.min_recurrence,
         min_enrichment=cfg.min_enrichment, grid_hw=grid_hw)
+    if cfg.positions:
+        # Keypoint-free candidates; one that marks what a descriptor candidate of its class
+        # already marks adds nothing to check.
+        extra = [p for p in recurring_positions(
+            attribution, predicted, top_fraction=cfg.top_fraction,
+            min_recurrence=cfg.min_recurrence, min_enrichment=cfg.min_enrichment,
+            alpha=cfg.alpha, grid_hw=grid_hw)
+            if not any(c.cls == p.cls and _jaccard(c.patches, p.patches) >= 0.5
+                       for c in candidates)]
+        candidates = sorted(candidates + extra, key=lambda c: -c.score)
     checked: list[tuple[Candidate, np.ndarray, CausalResult, float, int]] = []
     for cand in candidates[: cfg.max_checked]:
         rows = (predicted == cand.cls) & cand.patches.any(1)

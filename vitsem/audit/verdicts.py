@@ -63,7 +63,10 @@ VERDICTS: dict[Verdict, VerdictInfo] = {
 
 BLIND_SPOTS = (
     "cues without SIFT keypoints: a colour cast, a global brightness or contrast change, "
-    "a flat colour patch or smooth gradient (the candidates start from keypoints)",
+    "a flat colour patch or smooth gradient; one at a fixed place is proposed by its place "
+    "when a map ranks it high in many images of a class, one that moves is not (the other "
+    "candidates start from keypoints), and the semantic map, which weighs attention by "
+    "keypoints, ranks a keypoint-free pattern low wherever it is",
     "patterns spread so thinly that no keypoint recurs across images of one class",
     "cues the model reads from the whole image at once (an image-wide texture is found "
     "only where its keypoints recur)",
@@ -96,7 +99,10 @@ def pattern_signature(centroids: np.ndarray, dims: int = 16) -> str:
     its unit-normalised mean descriptor are largest, hashed. Near-copies of one pattern in
     another audit give the same set of dimensions far more often than exact descriptors
     agree; :func:`same_pattern` is the exact test."""
-    mean = np.asarray(centroids, np.float64).reshape(-1, 128).mean(0)
+    c = np.asarray(centroids, np.float64).reshape(-1, 128)
+    if not len(c):  # a pattern found by its place (no descriptor)
+        return hashlib.sha256(b"position").hexdigest()[:16]
+    mean = c.mean(0)
     top = np.sort(np.argsort(-mean, kind="stable")[:dims])
     return hashlib.sha256(top.astype(np.int16).tobytes()).hexdigest()[:16]
 
