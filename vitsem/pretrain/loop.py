@@ -29,8 +29,9 @@ from vitsem.pretrain.probe import check_probe_data, encode_all, knn_accuracy, li
 @dataclass(frozen=True)
 class PretrainConfig:
     """Encoder (a timm ViT built from ``model`` with ``img_size``, ``patch_size``,
-    ``depth``), decoder, masker and optimiser settings. ``eval_epochs``: epochs after which
-    the probes run (default: every epoch); ``amp``: bfloat16 autocast on CUDA."""
+    ``depth``), decoder (``norm_pix_loss``: MAE's per-patch normalised target), masker and
+    optimiser settings. ``eval_epochs``: epochs after which the probes run (default: every
+    epoch); ``amp``: bfloat16 autocast on CUDA."""
 
     model: str = "vit_tiny_patch16_224"
     img_size: int = 64
@@ -38,6 +39,7 @@ class PretrainConfig:
     depth: int = 4
     decoder_dim: int = 128
     decoder_depth: int = 2
+    norm_pix_loss: bool = True
     masker: str = "random"
     mask: MaskSpec = field(default_factory=MaskSpec)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
@@ -109,7 +111,8 @@ def new_state(cfg: PretrainConfig) -> PretrainState:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     encoder = create_model(cfg.encoder_spec())
-    model = MaskedAutoencoder(encoder, cfg.decoder_dim, cfg.decoder_depth).to(cfg.device)
+    model = MaskedAutoencoder(encoder, cfg.decoder_dim, cfg.decoder_depth,
+                              norm_pix_loss=cfg.norm_pix_loss).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     order = torch.Generator().manual_seed(cfg.seed)
