@@ -145,6 +145,25 @@ def test_the_encoder_sees_only_visible_patches() -> None:
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_standardised_knn_is_not_ruled_by_a_large_shared_dimension() -> None:
+    # Two informative dimensions (class +-1, small noise) beside two huge, label-free
+    # dimensions shared by every image, whose ratio varies: raw cosine sees only their
+    # direction (chance), the standardised features see the classes.
+    g = torch.Generator().manual_seed(0)
+    y_tr, y_te = torch.arange(200) % 2, torch.arange(100) % 2
+
+    def feats(y: torch.Tensor) -> torch.Tensor:
+        sign = y.double() * 2 - 1
+        informative = sign[:, None] + 0.3 * torch.randn(len(y), 2, generator=g,
+                                                         dtype=torch.float64)
+        nuisance = 1000 + 200 * torch.randn(len(y), 2, generator=g, dtype=torch.float64)
+        return torch.cat([informative, nuisance], 1)
+
+    x_tr, x_te = feats(y_tr), feats(y_te)
+    assert knn_accuracy(x_tr, y_tr, x_te, y_te, k=5) < 0.7
+    assert knn_accuracy(x_tr, y_tr, x_te, y_te, k=5, standardise=True) == 1.0
+
+
 def test_normalised_pixel_target_on_a_hand_built_patch() -> None:
     mae = _mae()
     x = torch.zeros(1, 3, 32, 32)

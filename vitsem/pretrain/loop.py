@@ -31,7 +31,8 @@ class PretrainConfig:
     """Encoder (a timm ViT built from ``model`` with ``img_size``, ``patch_size``,
     ``depth``), decoder (``norm_pix_loss``: MAE's per-patch normalised target), masker and
     optimiser settings. ``eval_epochs``: epochs after which the probes run (default: every
-    epoch); ``amp``: bfloat16 autocast on CUDA."""
+    epoch); ``knn_standardise``: the k-NN compares standardised features, as the linear probe
+    does; ``amp``: bfloat16 autocast on CUDA."""
 
     model: str = "vit_tiny_patch16_224"
     img_size: int = 64
@@ -50,6 +51,7 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     eval_epochs: tuple[int, ...] | None = None
     knn_k: int = 20
+    knn_standardise: bool = True
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
@@ -195,7 +197,8 @@ def evaluate(state: PretrainState, data: PretrainData, cfg: PretrainConfig) -> d
     ftr = encode_all(state.model.features, tr_x, device=cfg.device)
     fte = encode_all(state.model.features, te_x, device=cfg.device)
     return {"linear_probe": linear_probe_accuracy(ftr, tr_y, fte, te_y),
-            "knn": knn_accuracy(ftr, tr_y, fte, te_y, cfg.knn_k)}
+            "knn": knn_accuracy(ftr, tr_y, fte, te_y, cfg.knn_k,
+                                standardise=cfg.knn_standardise)}
 
 
 EpochCallback = Callable[[PretrainState, dict[str, float]], None]
