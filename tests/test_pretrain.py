@@ -3,6 +3,7 @@ uninterrupted run, the flow end to end, and bad input."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -142,6 +143,60 @@ def test_the_encoder_sees_only_visible_patches() -> None:
         torch.testing.assert_close(mae.encode(y, mask), out)
         loss = mae(x, mask)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_standardised_knn_is_not_ruled_by_a_large_shared_dimension() -> None:
+    # Two informative dimensions (class +-1, small noise) beside two huge, label-free
+    # dimensions shared by every image, whose ratio varies: raw cosine sees only their
+    # direction (chance), the standardised features see the classes.
+    g = torch.Generator().manual_seed(0)
+    y_tr, y_te = torch.arange(200) % 2, torch.arange(100) % 2
+
+    def feats(y: torch.Tensor) -> torch.Tensor:
+        sign = y.double() * 2 - 1
+        informative = sign[:, None] + 0.3 * torch.randn(len(y), 2, generator=g,
+                                                         dtype=torch.float64)
+        nuisance = 1000 + 200 * torch.randn(len(y), 2, generator=g, dtype=torch.float64)
+        return torch.cat([informative, nuisance], 1)
+
+    x_tr, x_te = feats(y_tr), feats(y_te)
+    assert knn_accuracy(x_tr, y_tr, x_te, y_te, k=5) < 0.7
+    assert knn_accuracy(x_tr, y_tr, x_te, y_te, k=5, standardise=True) == 1.0
+
+
+def test_normalised_pixel_target_on_a_hand_built_patch() -> None:
+    mae = _mae()
+    x = torch.zeros(1, 3, 32, 32)
+    # Patch 0: the red channel 0 and 2 on alternate columns, the other channels 1: 192 values
+    # of which 32 are 0, 32 are 2 and 128 are 1: mean 1, unbiased variance 64 / 191.
+    x[0, :, :8, :8] = 1.0
+    x[0, 0, :8, 0:8:2] = 0.0
+    x[0, 0, :8, 1:8:2] = 2.0
+    target = mae.target(x)[0, 0].reshape(8, 8, 3)
+    sd = (64 / 191 + 1e-6) ** 0.5
+    torch.testing.assert_close(target[:, 0::2, 0], torch.full((8, 4), -1 / sd))
+    torch.testing.assert_close(target[:, 1::2, 0], torch.full((8, 4), 1 / sd))
+    torch.testing.assert_close(target[..., 1:], torch.zeros(8, 8, 2))
+    # A constant patch has no variance: its target is 0, not a division by zero.
+    torch.testing.assert_close(mae.target(x)[0, 1], torch.zeros(192))
+    mae.norm_pix_loss = False
+    torch.testing.assert_close(mae.target(x), patchify(x, 8))
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_zero_by_the_last_step() -> None:
+    from vitsem.pretrain.loop import _lr
+
+    cfg = PretrainConfig(lr=1e-3, epochs=10, warmup_epochs=1.0)
+    steps = 20  # per epoch: warm-up is steps 0..19, 200 steps in all
+    assert _lr(cfg, 0, steps) == pytest.approx(1e-3 / 20)
+    assert _lr(cfg, 9, steps) == pytest.approx(1e-3 * 10 / 20)
+    assert _lr(cfg, 19, steps) == pytest.approx(1e-3)  # the peak at warm-up's end
+    assert _lr(cfg, 20, steps) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert _lr(cfg, 110, steps) == pytest.approx(0.5e-3)  # half-way through the decay
+    last = _lr(cfg, 199, steps)
+    assert 0 < last < 1e-3 * 1e-3  # the last step trains at ~0
+    lrs = [_lr(cfg, i, steps) for i in range(20, 200)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_probes_on_separable_and_clustered_features() -> None:

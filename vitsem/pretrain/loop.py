@@ -29,8 +29,10 @@ from vitsem.pretrain.probe import check_probe_data, encode_all, knn_accuracy, li
 @dataclass(frozen=True)
 class PretrainConfig:
     """Encoder (a timm ViT built from ``model`` with ``img_size``, ``patch_size``,
-    ``depth``), decoder, masker and optimiser settings. ``eval_epochs``: epochs after which
-    the probes run (default: every epoch); ``amp``: bfloat16 autocast on CUDA."""
+    ``depth``), decoder (``norm_pix_loss``: MAE's per-patch normalised target), masker and
+    optimiser settings. ``eval_epochs``: epochs after which the probes run (default: every
+    epoch); ``knn_standardise``: the k-NN compares standardised features, as the linear probe
+    does; ``amp``: bfloat16 autocast on CUDA."""
 
     model: str = "vit_tiny_patch16_224"
     img_size: int = 64
@@ -38,6 +40,7 @@ class PretrainConfig:
     depth: int = 4
     decoder_dim: int = 128
     decoder_depth: int = 2
+    norm_pix_loss: bool = True
     masker: str = "random"
     mask: MaskSpec = field(default_factory=MaskSpec)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
@@ -48,6 +51,7 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     eval_epochs: tuple[int, ...] | None = None
     knn_k: int = 20
+    knn_standardise: bool = True
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
@@ -109,7 +113,8 @@ def new_state(cfg: PretrainConfig) -> PretrainState:
     cfg.validate()
     torch.manual_seed(cfg.seed)
     encoder = create_model(cfg.encoder_spec())
-    model = MaskedAutoencoder(encoder, cfg.decoder_dim, cfg.decoder_depth).to(cfg.device)
+    model = MaskedAutoencoder(encoder, cfg.decoder_dim, cfg.decoder_depth,
+                              norm_pix_loss=cfg.norm_pix_loss).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     order = torch.Generator().manual_seed(cfg.seed)
@@ -192,7 +197,8 @@ def evaluate(state: PretrainState, data: PretrainData, cfg: PretrainConfig) -> d
     ftr = encode_all(state.model.features, tr_x, device=cfg.device)
     fte = encode_all(state.model.features, te_x, device=cfg.device)
     return {"linear_probe": linear_probe_accuracy(ftr, tr_y, fte, te_y),
-            "knn": knn_accuracy(ftr, tr_y, fte, te_y, cfg.knn_k)}
+            "knn": knn_accuracy(ftr, tr_y, fte, te_y, cfg.knn_k,
+                                standardise=cfg.knn_standardise)}
 
 
 EpochCallback = Callable[[PretrainState, dict[str, float]], None]

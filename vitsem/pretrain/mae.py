@@ -26,11 +26,14 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 class MaskedAutoencoder(nn.Module):
     """``encoder``: a timm VisionTransformer (fixed image size, absolute position
     embedding). ``decoder_dim`` / ``decoder_depth``: the light decoder (MAE uses 512 / 8 at
-    ImageNet scale; a few narrow blocks suffice for small images)."""
+    ImageNet scale; a few narrow blocks suffice for small images). ``norm_pix_loss``: the
+    target is each patch's pixels normalised by the patch's own mean and standard deviation
+    (MAE's default); False predicts the pixels themselves."""
 
     def __init__(self, encoder: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4) -> None:
+                 decoder_heads: int = 4, norm_pix_loss: bool = True) -> None:
         super().__init__()
+        self.norm_pix_loss = norm_pix_loss
         for name in ("patch_embed", "pos_embed", "blocks", "norm"):
             if getattr(encoder, name, None) is None:
                 raise UnsupportedModelError(
@@ -119,10 +122,19 @@ class MaskedAutoencoder(nn.Module):
         """(B, D) image features for probing: the mean of the patch tokens."""
         return self.encode(images)[:, self.num_prefix:].mean(1)
 
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, P * P * 3) reconstruction target: the patches' pixels, each patch normalised
+        by its own mean and (unbiased) variance when ``norm_pix_loss`` (MAE)."""
+        target = patchify(images, self.patch)
+        if not self.norm_pix_loss:
+            return target
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        return (target - mean) / (var + 1e-6).sqrt()
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction loss: mean squared error of per-patch normalised pixels over the
-        masked patches, weighted by ``weights`` (B, N) when given (KAMIM)."""
+        """Reconstruction loss: mean squared error against :meth:`target` over the masked
+        patches, weighted by ``weights`` (B, N) when given (KAMIM)."""
         b = len(images)
         latent = self.decoder_embed(self.encode(images, mask))
         tokens = latent[:, self.num_prefix:]
@@ -131,9 +143,7 @@ class MaskedAutoencoder(nn.Module):
         y = self.decoder_blocks(torch.cat([latent[:, : self.num_prefix],
                                            full + self.decoder_pos], 1))
         pred = self.decoder_pred(self.decoder_norm(y))[:, self.num_prefix:]
-        target = patchify(images, self.patch)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
+        target = self.target(images)
         per_patch = ((pred.float() - target) ** 2).mean(-1)
         w = mask.float() if weights is None else mask.float() * weights
         return (per_patch * w).sum() / w.sum()

@@ -53,12 +53,18 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, k: int = 20) -> float:
+                 test_y: torch.Tensor, k: int = 20, *, standardise: bool = False) -> float:
     """Cosine k-NN: each test image takes the majority class of its k nearest training
-    images (ties to the nearer neighbours' class by similarity-weighted vote)."""
+    images (ties to the nearer neighbours' class by similarity-weighted vote). With
+    ``standardise`` the features are first standardised by the training features' mean and
+    standard deviation, as for the linear probe (MAE's BatchNorm without affine): a few
+    large shared dimensions no longer decide the cosine."""
     check_probe_data(train_y, test_y)
-    a = F.normalize(train_x.double(), dim=1)
-    q = F.normalize(test_x.double(), dim=1)
+    tr, te = train_x.double(), test_x.double()
+    if standardise:
+        tr, te = _standardise(tr, te)
+    a = F.normalize(tr, dim=1)
+    q = F.normalize(te, dim=1)
     k = min(k, len(a))
     sim, idx = (q @ a.T).topk(k, dim=1)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
