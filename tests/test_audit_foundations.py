@@ -252,3 +252,24 @@ def test_causal_check_on_a_vit_with_token_removal() -> None:
     cand[:, 1] = True
     res = causal_check(lambda xx, d: predict_without(model, xx, d), x, target, cand, trials=3)
     assert res.images == 6 and np.isfinite(res.effect) and np.isfinite(res.random_effect)
+
+
+def test_the_repair_builds_on_the_method_map_else_the_first_map_that_confirmed() -> None:
+    """A pattern without keypoints is confirmed by a baseline map only (the bench's bullseye);
+    the repair must still get pseudo-groups from it rather than be skipped."""
+    from types import SimpleNamespace
+
+    from vitsem.audit.pipeline import METHOD, MapAudit, repair_reference
+
+    def map_audit(name: str, *relied: bool) -> MapAudit:
+        findings = [SimpleNamespace(relied_on=r) for r in relied]
+        empty = np.zeros(0)
+        return MapAudit(name, findings, empty, empty, empty)  # type: ignore[arg-type]
+
+    both = {METHOD: map_audit(METHOD, False, True), "gae": map_audit("gae", True)}
+    assert repair_reference(both) is both[METHOD]
+    blind = {METHOD: map_audit(METHOD, False), "rollout": map_audit("rollout"),
+             "gae": map_audit("gae", False, True), "occlusion": map_audit("occlusion", True)}
+    assert repair_reference(blind) is blind["gae"]  # the first in audit order
+    assert repair_reference({METHOD: map_audit(METHOD, False), "gae": map_audit("gae")}) is None
+    assert repair_reference({}) is None

@@ -12,7 +12,7 @@ Storage and orchestration live elsewhere; this module sees arrays and a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -62,7 +62,7 @@ from vitsem.method.training import in_batches, model_device
 from vitsem.method.view import ModelView
 
 __all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
-           "PromptOutcome", "audit", "check_audit_data", "repair_audit"]
+           "PromptOutcome", "audit", "check_audit_data", "repair_audit", "repair_reference"]
 
 DEFAULT_MAPS = tuple(m for m in MAPS if m != "occlusion")
 """Every map but leave-one-out occlusion, which costs N forwards per image; ask for it."""
@@ -255,6 +255,17 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     return result
 
 
+def repair_reference(maps: Mapping[str, MapAudit]) -> MapAudit | None:
+    """The map whose confirmed findings become the repair's pseudo-groups: the method's map
+    when it confirmed any, else the first map (in audit order) that did; None when none did.
+    A finding confirmed by token removal is causal whichever map proposed it, and the
+    method's map cannot propose patterns without keypoints."""
+    method = maps.get(METHOD)
+    if method is not None and method.relied:
+        return method
+    return next((m for m in maps.values() if m.relied), None)
+
+
 def _carried(f: Finding, family: str, reviews: Sequence[ReviewDecision]) -> Finding:
     c = carry_review(family, f.class_name, f.centroids, f.radii, f.verdict,
                      f.causal.effect - f.causal.random_effect, reviews)
@@ -263,16 +274,18 @@ def _carried(f: Finding, family: str, reviews: Sequence[ReviewDecision]) -> Find
 
 def repair_audit(model: nn.Module, view: ModelView, data: AuditData, result: AuditResult,
                  heldout: AuditData, cfg: AuditConfig = AuditConfig()) -> None:
-    """Repair ``model``'s last layer from the relied-on findings of ``result`` (the method's
-    map, else the first), evaluate it on the audited ``data`` and re-audit the
+    """Repair ``model``'s last layer from the relied-on findings of ``result`` (see
+    :func:`repair_reference`), evaluate it on the audited ``data`` and re-audit the
     annotation-free repair. Held-out data or a model the repair cannot use leave the audit as
     it is, with the reason in the notes."""
-    ref = result.maps.get(METHOD) or next(iter(result.maps.values()), None)
-    if ref is None or not ref.relied:
-        name = ref.map if ref is not None else METHOD
-        result.notes.append(f"repair skipped: the {name} map confirmed no pattern to build "
-                            "pseudo-groups from")
+    ref = repair_reference(result.maps)
+    if ref is None:
+        result.notes.append("repair skipped: no map confirmed a pattern to build pseudo-groups "
+                            "from")
         return
+    if ref.map != METHOD and METHOD in result.maps:
+        result.notes.append(f"repair from the {ref.map} map's findings: the {METHOD} map "
+                            "confirmed none (e.g. a pattern without keypoints)")
     grid = result.grid
     try:
         check_audit_data(heldout, len(data.class_names))
