@@ -133,8 +133,9 @@ def row_reductions(scores: torch.Tensor, onehot_and_ones: torch.Tensor,
                 return _compiled_kernel()(scores, onehot_and_ones[..., :-1], distances)
         except Exception as exc:  # no compiler, no Triton, an unsupported device
             _failed.add(device)
+            first_line = (str(exc).splitlines() or [""])[0][:200]
             msg = (f"vitsem: the fused attention-statistics kernel could not compile on "
-                   f"{device} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                   f"{device} ({type(exc).__name__}: {first_line}); "
                    "using the eager path, same figures, slower. Install a C++ compiler "
                    "(CPU) or Triton (CUDA), or set VITSEM_FUSED_STATS=0 to silence this.")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
