@@ -107,15 +107,15 @@ def interrelation_stats(block: AttentionBlock, sem: SemanticBatch, layout: Token
     level_mass = torch.empty(b, h, n, k, device=block.device)
     dist = torch.empty(b, h, n, device=block.device)
     ent = torch.empty(b, h, n, device=block.device)
-    fused = use_fused(block.shape)
+    fused = use_fused(block.shape, block.device.type)
     # The fused kernel keeps no (B, H, R, N) temporary besides the scores; the eager path
     # keeps three. Fewer, larger chunks measured faster: the matmul then runs at full size.
     step = block.chunk_rows(buffers=1 if fused else 3, keys=n)
     for a in range(0, n, step):
         z = min(a + step, n)
         scores = block.scores(slice(p + a, p + z), slice(p, None), out="stats_scores")
-        scratch = (ws.get("stats_exp", scores.shape, block.device),
-                   ws.get("stats_prod", scores.shape, block.device))
+        scratch = None if fused else (ws.get("stats_exp", scores.shape, block.device),
+                                      ws.get("stats_prod", scores.shape, block.device))
         level_mass[:, :, a:z], dist[:, :, a:z], ent[:, :, a:z] = row_reductions(
             scores, levels_ones, distances[a:z], block.masked, scratch, fused)
 

@@ -40,16 +40,21 @@ def fused_stats_enabled() -> bool:
     return value not in {"0", "false", "no", "off"}
 
 
+_failed: set[str] = set()
+"""Device types where the kernel failed to compile: they run eager from then on."""
+
 FUSED_MIN_ELEMENTS = 2**21
 """Blocks with fewer attention entries (B * H * N * N) than this stay eager: compiling takes
 seconds once per process and shape, which only a large map repays (vit_small at 224 px
 crosses it from batch 10; the tiny test models never do)."""
 
 
-def use_fused(shape: torch.Size | tuple[int, ...]) -> bool:
-    """Whether a block of attention ``shape`` (B, H, T, S) goes through the compiled kernel."""
+def use_fused(shape: torch.Size | tuple[int, ...], device: str = "cpu") -> bool:
+    """Whether a block of attention ``shape`` (B, H, T, S) on ``device`` (its type) goes
+    through the compiled kernel: large enough, switched on, and not failed there before."""
     b, h, t, s = shape
-    return fused_stats_enabled() and b * h * t * s >= FUSED_MIN_ELEMENTS
+    return (fused_stats_enabled() and b * h * t * s >= FUSED_MIN_ELEMENTS
+            and device not in _failed)
 
 
 def row_reductions_fused(scores: torch.Tensor, onehot: torch.Tensor,
@@ -102,7 +107,6 @@ def row_reductions_eager(scores: torch.Tensor, onehot_and_ones: torch.Tensor,
 
 
 _compiled: Callable[..., RowReductions] | None = None
-_failed: set[str] = set()
 _guard = threading.RLock()
 """Held while the kernel compiles and runs: torch.compile is not thread-safe (pytorch issues
 105943, 118260), and flows analyse shards on threads. Each call uses every core anyway."""
