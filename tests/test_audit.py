@@ -278,7 +278,9 @@ def test_spurious_audit_flow_on_postgres_and_s3(
     monkeypatch.setenv("VITSEM_DATABASE_URL", pg_url)
     monkeypatch.setenv("VITSEM_MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/audit")
-    params = AuditParams(data=str(shortcut_data), checkpoint=str(shortcut_model), shard_size=40)
+    # Three maps keep the test short; tests/test_dask.py runs the flow with every default map.
+    params = AuditParams(data=str(shortcut_data), checkpoint=str(shortcut_model), shard_size=40,
+                         maps=["semantic", "cls_last", "random"])
     first = spurious_audit(params)
     assert first["images"] == 120 and first["status"] == "ok" and first["shortcuts"] >= 1
     assert first["computed"] == 120 and not first["cached_audit"]
@@ -366,9 +368,14 @@ def test_cli_audit_prints_findings_and_writes_the_report(
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["audit", str(shortcut_data), "--checkpoint",
-                                      str(shortcut_model), "--out", str(out)])
+                                      str(shortcut_model), "--out", str(out),
+                                      "--map", "semantic", "--map", "random"])
     assert result.exit_code == 0, result.output
     assert "shortcut" in result.output and "drop:semantic" in result.output
+    assert "drop:random" in result.output and "drop:gae" not in result.output
+    unknown = CliRunner().invoke(app, ["audit", str(shortcut_data), "--checkpoint",
+                                       str(shortcut_model), "--map", "saliency"])
+    assert unknown.exit_code == 2 and "unknown attribution maps ['saliency']" in unknown.output
     assert (out / "report.html").is_file() and (out / "finding_semantic_1.png").is_file()
     flat = tmp_path / "flat"
     flat.mkdir()

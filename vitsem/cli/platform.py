@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 from rich.markup import escape
 
+from vitsem.audit.maps import MAPS
 from vitsem.cli.app import command, db_app
 from vitsem.cli.console import (
     console,
@@ -85,6 +86,9 @@ def audit(
         "(registered in MLflow as a new model version); 0: no repair."))] = 0.0,
     family: Annotated[str | None, typer.Option(help=(
         "Model family whose review decisions carry (default: the model's name)."))] = None,
+    maps: Annotated[list[str] | None, typer.Option("--map", help=(
+        "Attribution map to audit with, repeatable: " + ", ".join(MAPS) + " (default: "
+        "every map but occlusion)."))] = None,
     runner: RunnerOpt = None,
     dask_address: DaskAddressOpt = None,
 ) -> None:
@@ -103,7 +107,7 @@ def audit(
 
     params = AuditParams(**data_and_model(data, checkpoint, model), split=split,
                          top_fraction=top_fraction, repair_holdout=repair_holdout,
-                         family=family)
+                         family=family, maps=maps or None)
     result = spurious_audit(params, runner=runner_params(runner, dask_address))
     print_audit(result)
     copy_report(context(Settings()).store, f"{REPORT_PREFIX}/{result['audit_digest']}", out)
