@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +170,7 @@ def test_audit_without_masks_reviews_and_repairs_from_its_findings(
     bench = load_benchmark(shortcut_data, "test", view, token_layout(net, view.hw).grid)
     d = bench.data
     half = len(d) // 2
-
-    def part(sl: slice) -> AuditData:
-        return AuditData(d.views[sl], d.keypoints[sl], d.labels[sl], d.class_names,
-                         (d.groups or [])[sl], None, d.clean[sl] if d.clean is not None
-                         else None, (d.names or [])[sl])
-
+    part = partial(_unmasked, d)
     cfg = AuditConfig(maps=("semantic",), faithfulness_images=32)
     result = audit(net, view, part(slice(0, half)), cfg, heldout=part(slice(half, None)))
     top = result.maps["semantic"].top
@@ -200,6 +197,48 @@ def test_audit_without_masks_reviews_and_repairs_from_its_findings(
     before = top.causal.effect - top.causal.random_effect
     assert after is None or after.causal.effect - after.causal.random_effect < before
     assert doc["findings"]["semantic"][0]["verdict_label"] == "relied on — review"
+
+
+def _unmasked(d: AuditData, sl: slice) -> AuditData:
+    """Images ``sl`` of ``d`` without their object masks, as a user's data comes."""
+    return AuditData(d.views[sl], d.keypoints[sl], d.labels[sl], d.class_names,
+                     (d.groups or [])[sl], None, d.clean[sl] if d.clean is not None else None,
+                     (d.names or [])[sl])
+
+
+def test_repair_from_a_finding_known_only_by_its_place(
+        shortcut_data: Path, shortcut_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pattern found by its place (no descriptors: a cue without keypoints) still yields
+    pseudo-groups: a held-out image holds it where the map ranks one of its places top. The
+    glyph sits at one place, so those pseudo-groups must be the glyph's true presence."""
+    import vitsem.audit.pipeline as pipeline
+
+    net, _ = load_model(None, shortcut_model)
+    view = ModelView.from_model(net)
+    d = load_benchmark(shortcut_data, "test", view, token_layout(net, view.hw).grid).data
+    half = len(d) // 2
+    audited, held = _unmasked(d, slice(0, half)), _unmasked(d, slice(half, None))
+    cfg = AuditConfig(maps=("semantic",), faithfulness_images=0)
+    result = audit(net, view, audited, cfg)
+    m = result.maps["semantic"]
+    assert m.relied and m.relied[0].class_name == "disc"
+    # The same finding as a place-only one: what recurring_positions proposes.
+    m.findings = [replace(f, centroids=np.zeros((0, 128), np.float32), radii=np.zeros(0))
+                  for f in m.findings]
+    seen: dict[str, np.ndarray] = {}
+    real = pipeline.repair_last_layer
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen["present"] = np.asarray(args[3])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "repair_last_layer", spy)
+    pipeline.repair_audit(net, view, audited, result, held, cfg)
+    glyph = ~np.asarray(held.clean)
+    assert (seen["present"] == glyph).mean() >= 0.9, (seen["present"], glyph)
+    floor, pseudo = result.repairs["none"], result.repairs["dfr:pseudo"]
+    assert pseudo.worst_group_accuracy > floor.worst_group_accuracy
+    assert result.reaudit["method"] == "dfr:pseudo"
 
 
 def test_repair_with_an_empty_group_keeps_the_audit(shortcut_data: Path,
