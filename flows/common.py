@@ -142,7 +142,8 @@ def run_namer(name: str) -> Any:
 
 
 def task_namer(kind: str) -> Any:
-    """The ``task_run_name`` of a task: ``<kind>: <model> on <data set> [shard N]``."""
+    """The ``task_run_name`` of a task: ``<kind>: <model> on <data set> [shard N] [map M]``
+    (from its ``shard`` and ``map_name`` parameters, when it has them)."""
 
     def task_run_name() -> str:
         from prefect.runtime import task_run
@@ -150,7 +151,8 @@ def task_namer(kind: str) -> Any:
         try:
             p = task_run.parameters
             shard = f" shard {p['shard']}" if "shard" in p else ""
-            return f"{kind}: {describe_params(p.get('params'))}{shard}"
+            part = f" map {p['map_name']}" if "map_name" in p else ""
+            return f"{kind}: {describe_params(p.get('params'))}{shard}{part}"
         except Exception:  # a name is never worth failing a run for
             return kind
 

@@ -30,7 +30,7 @@ from flows.common import (
 )
 from flows.runners import PerRunTaskRunner, RunnerParams
 from flows.sift_extraction import run_sift
-from vitsem.audit.pipeline import AuditConfig
+from vitsem.audit.pipeline import AuditConfig, MapResult
 from vitsem.data.inputs import InputImage
 from vitsem.method.concentration import SemanticConfig, Weighting
 from vitsem.method.models import resolve_device
@@ -73,16 +73,40 @@ class AuditParams(DataParams):
         return replace(cfg, maps=tuple(self.maps)) if self.maps else cfg
 
 
+@task(task_run_name=task_namer("audit plan"), **RETRYING_TASK)
+def plan_audit(settings: Settings, dataset_id: int, images: list[InputImage],
+               params: AuditParams) -> audit.AuditJob:
+    audited, heldout = audit.split_heldout(images, params.repair_holdout)
+    return audit.plan_audit(settings, dataset_id, audited, params.model, params.checkpoint,
+                            params.config(), {"data": params.data, "split": params.split},
+                            heldout=heldout, family=params.family)
+
+
 @task(task_run_name=task_namer("audit"), **RETRYING_TASK)
+def audit_map(settings: Settings, job: audit.AuditJob, map_name: str, params: AuditParams
+              ) -> MapResult:
+    device = params.config().device  # auto: where this task runs
+    with device_slot(device):
+        return audit.run_map(settings, job, map_name, device)
+
+
+@task(task_run_name=task_namer("audit report"), **RETRYING_TASK)
+def finish_audit(settings: Settings, job: audit.AuditJob, maps: list[MapResult],
+                 params: AuditParams) -> AuditReport:
+    device = params.config().device
+    with device_slot("cpu" if job.cached else device):  # a stored report is only read back
+        return audit.finish_audit(settings, job, maps, device)
+
+
 def run_audit(settings: Settings, dataset_id: int, images: list[InputImage],
               params: AuditParams) -> AuditReport:
-    audited, heldout = audit.split_heldout(images, params.repair_holdout)
-    config = params.config()
-    with device_slot(config.device):
-        return audit.audit_images(settings, dataset_id, audited, params.model,
-                                  params.checkpoint, config,
-                                  {"data": params.data, "split": params.split},
-                                  heldout=heldout, family=params.family)
+    """The audit on the run's task runner (Dask workers when it is Dask): the plan (digest,
+    stored report), one task per attribution map (none when the report is stored), then
+    the report assembled from their results."""
+    job = plan_audit.submit(settings, dataset_id, images, params).result()
+    futures = [audit_map.submit(settings, job, m, params) for m in job.maps]
+    maps = [f.result() for f in futures]
+    return here(settings, finish_audit.submit(settings, job, maps, params).result())
 
 
 def here(settings: Settings, report: AuditReport) -> AuditReport:
@@ -126,7 +150,7 @@ def spurious_audit(params: AuditParams, runner: RunnerParams | None = None
         dataset_id, inputs = register_inputs(settings, params)
         images = inputs.require_labels()
         reports = run_sift(settings, dataset_id, inputs.paths, params)
-        report = here(settings, run_audit.submit(settings, dataset_id, images, params).result())
+        report = run_audit(settings, dataset_id, images, params)
         run_lineage = lineage(settings, "audit", params, inputs, content_of(reports),
                               registered, cached=report.cached)
         run.mlflow_run_id = track_audit(settings, params, report, run_lineage)

@@ -4,6 +4,7 @@ provably relies on a planted glyph, the flow end to end on the platform, and bad
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from dataclasses import replace
 from functools import partial
@@ -15,7 +16,15 @@ import sqlalchemy as sa
 
 from vitsem.audit.benchmark import AUDIT_SIFT, auroc, is_planted, load_benchmark
 from vitsem.audit.discovery import discover_candidates
-from vitsem.audit.pipeline import AuditConfig, AuditData, audit
+from vitsem.audit.pipeline import (
+    AuditConfig,
+    AuditData,
+    assemble,
+    audit,
+    audit_map,
+    maps_to_audit,
+    prepare,
+)
 from vitsem.audit.prompting import keep_top_k, prompt_outcome
 from vitsem.audit.verdicts import Verdict
 from vitsem.data.inputs import labelled_images
@@ -254,6 +263,34 @@ def test_repair_with_an_empty_group_keeps_the_audit(shortcut_data: Path,
                    heldout=held)
     assert result.maps["semantic"].relied and result.repairs == {}
     assert any("repair skipped" in n and "hold no image" in n for n in result.notes)
+
+
+def test_audit_equals_its_pieces_computed_apart_in_any_order(
+        few_images: Path, small_checkpoint: Path) -> None:
+    """What a distributed run does: each map audited on its own prepared inputs (as another
+    process would), the results pickled (Dask's transport) and handed over in reverse order,
+    then assembled. The same result as the one-process audit, byte for byte."""
+    net, _ = load_model(None, small_checkpoint)
+    view = ModelView.from_model(net)
+    data = load_benchmark(few_images, "test", view, token_layout(net, view.hw).grid).data
+    cfg = AuditConfig(maps=("semantic", "gradcam", "gae", "random"), faithfulness_images=4)
+    whole = audit(net, view, data, cfg, family="tiny")
+    assert any(m.findings for m in whole.maps.values()) and set(whole.faithfulness) == set(
+        cfg.maps)
+    assert maps_to_audit(net, view, data, cfg) == cfg.maps
+    apart = {name: pickle.loads(pickle.dumps(audit_map(net, prepare(net, view, data, cfg), cfg,
+                                                       name)))
+             for name in reversed(cfg.maps)}
+    pieces = assemble(net, view, data, prepare(net, view, data, cfg), apart, cfg,
+                      family="tiny")
+    assert list(pieces.maps) == list(whole.maps) == list(cfg.maps)
+    assert json.dumps(pieces.summary()) == json.dumps(whole.summary())
+    for name in cfg.maps:
+        assert np.array_equal(pieces.maps[name].attribution, whole.maps[name].attribution)
+        assert np.array_equal(pieces.maps[name].reliance, whole.maps[name].reliance)
+    with pytest.raises(ValueError, match="results of maps"):
+        assemble(net, view, data, prepare(net, view, data, cfg),
+                 {k: v for k, v in apart.items() if k != "semantic"}, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,9 @@ from tests.services import MotoServer
 from vitsem.data.inputs import resolve_inputs
 from vitsem.data.shortcut import ShortcutDataset
 from vitsem.errors import ConfigError
+from vitsem.platform.services.audit import AuditReport, audit_images
+from vitsem.platform.services.context import context
+from vitsem.platform.settings import Settings
 
 PER_CLASS = 3
 IMAGES = 3 * PER_CLASS  # the small benchmark has three classes
@@ -32,22 +36,65 @@ def _worker_model_loads() -> int:
     return 0 if mod is None else int(mod._load.cache_info().misses)
 
 
+AUDITED_MAPS: list[str] = []
+"""In a worker process: the attribution maps its tasks audited."""
+
+
+def _record_audited_maps() -> None:
+    """In a worker process: note each map the audit's map tasks run here."""
+    from vitsem.platform.services import audit
+
+    run = audit.run_map
+
+    def recorded(settings: Any, job: Any, name: str, device: str | None = None) -> Any:
+        AUDITED_MAPS.append(name)
+        return run(settings, job, name, device)
+
+    audit.run_map = recorded  # type: ignore[assignment]
+
+
+def _worker_audited_maps() -> list[str]:
+    return list(AUDITED_MAPS)
+
+
 class CountingCluster(LocalCluster):
     """A LocalCluster that counts its instances and, before it closes, asks each worker
-    process how many models it loaded (i.e. whether tasks really ran there)."""
+    process how many models it loaded and which audit maps it ran (i.e. whether tasks
+    really ran there)."""
 
     started: ClassVar[list[str]] = []
     loads: ClassVar[dict[str, int]] = {}
+    maps: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         CountingCluster.started.append(self.scheduler_address)
+        with Client(self) as client:
+            client.run(_record_audited_maps)
 
     def close(self, *args: Any, **kwargs: Any) -> Any:
         if self.status.name == "running":
             with Client(self) as client:
                 CountingCluster.loads.update(client.run(_worker_model_loads))
+                CountingCluster.maps.update(client.run(_worker_audited_maps))
         return super().close(*args, **kwargs)
+
+
+def _audit_task_runs(since: datetime) -> list[tuple[str, bool]]:
+    """(name, completed) of the audit's task runs started since ``since``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterStartTime,
+    )
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="audit"), start_time=TaskRunFilterStartTime(
+                after_=since)))
+    return sorted((r.name, r.state is not None and r.state.is_completed()) for r in runs
+                  if r.name.startswith("audit"))
 
 
 def _s3(moto: MotoServer) -> Any:
@@ -129,17 +176,29 @@ def test_runner_choices_are_checked_and_default_to_the_settings(
         pass
 
 
+def _audit_in_one_process(data: str, params: AuditParams) -> AuditReport:
+    """The audit of the labelled images under ``data`` by ``audit_images``, here."""
+    settings = Settings()
+    inputs = resolve_inputs(data)
+    dataset_id = context(settings).meta.dataset(inputs.uri, inputs.name)
+    return audit_images(settings, dataset_id, inputs.require_labels(), params.model,
+                        params.checkpoint, params.config(),
+                        {"data": params.data, "split": params.split})
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_model_audit_on_s3_one_dask_cluster_equals_threads(
         s3_images: str, small_checkpoint: Path, home: Path, moto: MotoServer, s3_bucket: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     params = ModelAuditParams(data=s3_images, checkpoint=str(small_checkpoint), shard_size=3,
                               examples=1, device="cpu")
+    since = datetime.now(UTC)
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/threads")
     threads = model_audit(params, RunnerParams(kind="thread"))
     monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/dask")
     CountingCluster.started.clear()
     CountingCluster.loads.clear()
+    CountingCluster.maps.clear()
     on_dask = model_audit(params, RunnerParams(
         kind="dask", cluster_class=f"{__name__}.CountingCluster",
         cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True}))
@@ -147,6 +206,15 @@ def test_model_audit_on_s3_one_dask_cluster_equals_threads(
     # the shards, the merge and the audit, reading the images from S3 themselves).
     assert len(CountingCluster.started) == 1
     assert len(CountingCluster.loads) == 2 and sum(CountingCluster.loads.values()) >= 2
+    # The audit ran one task per map, spread over both workers, each map once.
+    maps = AuditParams(data="x").config().maps
+    assert sorted(m for ran in CountingCluster.maps.values() for m in ran) == sorted(maps)
+    assert all(CountingCluster.maps.values()), CountingCluster.maps
+    # In Prefect: per run a plan, one task per map (named by it) and the report, completed.
+    runs = _audit_task_runs(since)
+    names = ["audit plan: tiny on data", "audit report: tiny on data",
+             *(f"audit: tiny on data map {m}" for m in maps)]
+    assert runs == sorted((n, True) for n in names * 2)
     for run in (threads, on_dask):
         sift = run["sift_extraction"]
         assert sift["images"] == IMAGES and sift["rejected"] == 2
@@ -163,8 +231,13 @@ def test_model_audit_on_s3_one_dask_cluster_equals_threads(
     for part in ("findings", "prompts", "faithfulness"):  # as JSON: NaN equals NaN
         assert json.dumps(a[part], sort_keys=True) == json.dumps(b[part], sort_keys=True)
     audit_json = f"{a['audit_digest']}/audit.json"
-    assert _reports(moto, s3_bucket, "dask", "spurious_audit")[audit_json] == (
-        _reports(moto, s3_bucket, "threads", "spurious_audit")[audit_json])
+    stored = _reports(moto, s3_bucket, "threads", "spurious_audit")[audit_json]
+    assert _reports(moto, s3_bucket, "dask", "spurious_audit")[audit_json] == stored
+    # The one-process path (the same steps, map after map) stores the same report.
+    monkeypatch.setenv("VITSEM_ARTIFACT_URI", f"s3://{s3_bucket}/single")
+    single = _audit_in_one_process(s3_images, params.step(AuditParams))
+    assert single.digest == a["audit_digest"] and not single.cached
+    assert _reports(moto, s3_bucket, "single", "spurious_audit")[audit_json] == stored
     assert threads["attention_analysis"]["layer_profile"] == (
         on_dask["attention_analysis"]["layer_profile"])
 
@@ -199,8 +272,6 @@ def test_audit_refuses_an_unknown_device_before_any_work(
 def test_report_files_of_a_task_on_another_machine_are_read_back_from_the_store(
         tmp_path: Path) -> None:
     from flows.common import on_this_machine
-    from vitsem.platform.services.context import context
-    from vitsem.platform.settings import Settings
 
     settings = Settings(home=tmp_path / "home")
     context(settings).store.put("reports/x/stats.json", b'{"a": 1}')

@@ -28,7 +28,7 @@ from vitsem.audit.discovery import (
     match_patches,
     recurring_positions,
 )
-from vitsem.audit.faithfulness import faithfulness
+from vitsem.audit.faithfulness import Faithfulness, faithfulness
 from vitsem.audit.grow import grow_candidate
 from vitsem.audit.maps import MAPS
 from vitsem.audit.prompting import (
@@ -62,7 +62,8 @@ from vitsem.method.training import in_batches, model_device
 from vitsem.method.view import ModelView
 
 __all__ = ["METHOD", "AuditConfig", "AuditData", "AuditResult", "Finding", "MapAudit",
-           "PromptOutcome", "audit", "check_audit_data", "repair_audit", "repair_reference"]
+           "MapResult", "Prepared", "PromptOutcome", "assemble", "audit", "audit_map",
+           "check_audit_data", "maps_to_audit", "prepare", "repair_audit", "repair_reference"]
 
 DEFAULT_MAPS = tuple(m for m in MAPS if m != "occlusion")
 """Every map but leave-one-out occlusion, which costs N forwards per image; ask for it."""
@@ -182,6 +183,154 @@ def _keypoint_arrays(keypoints: Sequence[Keypoints], grid: TokenGrid
         patches.append(idx[inside])
     return desc, patches
 
+@dataclass
+class Prepared:
+    """What every map's audit of one data set shares, computed from the model and the data
+    alone (cheap and deterministic, so each process that audits a map computes it again):
+    images ``x`` (B, 3, H, W), the token ``grid`` (N patches), the ``class_names``,
+    ``labels``, ``groups`` and the
+    model's predictions ``base`` (B,), semantic ``weights`` (B, N), per image the keypoints'
+    descriptors (K, 128) and patches (K,) inside the grid, object ``coverage`` (B, N) (None
+    without masks), the faithfulness ``sample`` (indices) and ``predict`` (images, dropped
+    patches (B, N)) -> logits."""
+
+    grid: TokenGrid
+    x: torch.Tensor
+    class_names: list[str]
+    labels: np.ndarray
+    groups: list[str]
+    base: np.ndarray
+    weights: np.ndarray
+    desc: list[np.ndarray]
+    kp_patches: list[np.ndarray]
+    coverage: np.ndarray | None
+    sample: np.ndarray
+    predict: Any = field(repr=False)
+
+    @property
+    def has_keypoints(self) -> bool:
+        """Whether any image holds a keypoint inside the grid (else nothing to report)."""
+        return any(len(d) for d in self.desc)
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """One map's share of the audit: its findings as discovered and checked (no review
+    carried yet) and its faithfulness (None when ``faithfulness_images`` is 0). Depends only
+    on the model, the data and the settings, not on which process computed it or on the
+    other maps."""
+
+    audit: MapAudit
+    faithfulness: Faithfulness | None
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or 0)
+
+
+def maps_to_audit(model: nn.Module, view: ModelView, data: AuditData,
+                  cfg: AuditConfig = AuditConfig()) -> tuple[str, ...]:
+    """The maps :func:`audit` runs on ``data``: ``cfg.maps``, or none when no image holds a
+    SIFT keypoint inside the token grid (nothing to report). Refuses bad settings and data
+    as :func:`audit` does, without running the model."""
+    cfg.validate()
+    check_audit_data(data, _num_classes(model))
+    desc, _ = _keypoint_arrays(data.keypoints, token_layout(model, view.hw).grid)
+    return cfg.maps if any(len(d) for d in desc) else ()
+
+
+def prepare(model: nn.Module, view: ModelView, data: AuditData,
+            cfg: AuditConfig = AuditConfig()) -> Prepared:
+    """Check the settings and ``data``, put ``model`` on ``cfg.device`` in eval mode and
+    compute what every map's audit shares (:class:`Prepared`): one forward pass."""
+    cfg.validate()
+    model.to(cfg.device).eval()
+    check_audit_data(data, _num_classes(model))
+    grid = token_layout(model, view.hw).grid
+    labels = np.asarray(data.labels, np.int64)
+    groups = list(data.groups) if data.groups is not None else [
+        data.class_names[int(c)] for c in labels]
+    predict = _predictor(model, cfg.batch_size)
+    x = view.to_tensor(data.views)
+    none = np.zeros((len(data), grid.num_patches), bool)
+    base = predict(x, torch.from_numpy(none)).argmax(-1).numpy()
+    conc = np.stack([concentration(k, grid, cfg.semantic.weighting) for k in data.keypoints])
+    desc, kp_patches = _keypoint_arrays(data.keypoints, grid)
+    coverage = (np.stack([patch_coverage(m > 0, grid) for m in data.masks])
+                if data.masks is not None else None)
+    sample = np.random.default_rng(cfg.seed).permutation(len(x))[:cfg.faithfulness_images]
+    return Prepared(grid, x, list(data.class_names), labels, groups, base,
+                    patch_weights(conc), desc, kp_patches, coverage, sample, predict)
+
+
+def audit_map(model: nn.Module, prep: Prepared, cfg: AuditConfig, name: str) -> MapResult:
+    """The heavy part of the audit with the map ``name``: attribution, candidate discovery,
+    growth, causal check and the deletion curves on ``prep.sample``. ``prep`` must hold
+    keypoints (:attr:`Prepared.has_keypoints`)."""
+    if not prep.has_keypoints:
+        raise ValueError("no keypoint inside the grid: nothing to audit (see maps_to_audit)")
+    m = _audit_map(name, model, prep, cfg)
+    faith = None
+    if len(prep.sample):
+        faith = faithfulness(prep.predict, prep.x[torch.from_numpy(prep.sample)],
+                             m.attribution[prep.sample], prep.base[prep.sample],
+                             steps=cfg.faithfulness_steps, seed=cfg.seed)
+    return MapResult(m, faith)
+
+
+def assemble(model: nn.Module, view: ModelView, data: AuditData, prep: Prepared,
+             maps: Mapping[str, MapResult], cfg: AuditConfig = AuditConfig(), *,
+             heldout: AuditData | None = None, family: str = "",
+             reviews: Sequence[ReviewDecision] = ()) -> AuditResult:
+    """The audit's result from the per-map results ``maps`` (in any order, computed
+    anywhere; one per map of ``cfg.maps``, none when ``prep`` holds no keypoint): reviews
+    carried, the prompts (each map's relied-on findings removed, random, keep-top-k), the
+    notes and, with ``heldout``, the repair (see :func:`audit`)."""
+    n = prep.grid.num_patches
+    none = np.zeros((len(data), n), bool)
+
+    def outcome(drop: np.ndarray) -> PromptOutcome:
+        drop = safe_removal(drop)
+        pred = prep.base if not drop.any() else prep.predict(
+            prep.x, torch.from_numpy(drop)).argmax(-1).numpy()
+        return prompt_outcome(pred, prep.base, prep.labels, prep.groups, data.clean, drop)
+
+    result = AuditResult(data.class_names, prep.grid, prep.labels, prep.base, prep.groups, {},
+                         {"none": outcome(none)}, semantic_weights=prep.weights,
+                         masks_given=data.masks is not None)
+    if not prep.has_keypoints:
+        result.status = "nothing_to_report"
+        result.notes.append(
+            f"no SIFT keypoint in any of the {len(data)} images, so there is no recurring "
+            "pattern to test; the images may be blank or too small for SIFT")
+        return result
+    if set(maps) != set(cfg.maps):
+        raise ValueError(f"results of maps {sorted(maps)}, but the audit runs {list(cfg.maps)}")
+    if prep.coverage is None:
+        result.notes.append(
+            "no object masks: a confirmed pattern is 'relied on — review', since the audit "
+            "cannot tell a shortcut from a legitimate part of the object without them")
+    for name in cfg.maps:  # the settings' order, whatever order the results came in
+        m = replace(maps[name].audit,
+                    findings=[_carried(f, family, reviews) for f in maps[name].audit.findings])
+        result.maps[name] = m
+        result.prompts[f"drop:{name}"] = outcome(np.any(
+            [f.patches for f in m.relied] or [none], axis=0))
+        faith = maps[name].faithfulness
+        if faith is not None and len(prep.sample):
+            result.faithfulness[name] = faith
+    ref = result.maps.get(METHOD) or next(iter(result.maps.values()))
+    removed = safe_removal(np.any([f.patches for f in ref.relied] or [none], axis=0))
+    result.prompts["random"] = outcome(matched_random(removed, cfg.seed))
+    keep = max(1, round(cfg.keep_fraction * n))
+    result.prompts["keep_top_k"] = outcome(keep_top_k(prep.weights, keep))
+    if not any(m.relied for m in result.maps.values()):
+        result.notes.append("no candidate was confirmed by the causal check")
+    if heldout is not None:
+        repair_audit(model, view, data, result, heldout, cfg)
+    return result
+
+
 def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig = AuditConfig(),
           *, heldout: AuditData | None = None, family: str = "",
           reviews: Sequence[ReviewDecision] = ()) -> AuditResult:
@@ -191,68 +340,15 @@ def audit(model: nn.Module, view: ModelView, data: AuditData, cfg: AuditConfig =
     own ``groups``, when given, serve as the oracle. ``reviews``: decisions recorded for the
     model ``family``; a finding of the same pattern carries its decision (a pattern reviewed
     as legitimate is neither prompted away nor repaired against) and is flagged only when
-    new or regressed."""
-    cfg.validate()
-    model = model.to(cfg.device).eval()
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    check_audit_data(data, num_classes)
-    grid = token_layout(model, view.hw).grid
-    n = grid.num_patches
-    labels = np.asarray(data.labels, np.int64)
-    groups = list(data.groups) if data.groups is not None else [
-        data.class_names[int(c)] for c in labels]
-    predict = _predictor(model, cfg.batch_size)
-    x = view.to_tensor(data.views)
-    none = np.zeros((len(data), n), bool)
-    base = predict(x, torch.from_numpy(none)).argmax(-1).numpy()
+    new or regressed.
 
-    def outcome(drop: np.ndarray) -> PromptOutcome:
-        drop = safe_removal(drop)
-        pred = base if not drop.any() else predict(x, torch.from_numpy(drop)).argmax(-1).numpy()
-        return prompt_outcome(pred, base, labels, groups, data.clean, drop)
-
-    conc = np.stack([concentration(k, grid, cfg.semantic.weighting) for k in data.keypoints])
-    weights = patch_weights(conc)
-    result = AuditResult(data.class_names, grid, labels, base, groups, {},
-                         {"none": outcome(none)}, semantic_weights=weights,
-                         masks_given=data.masks is not None)
-    desc, kp_patches = _keypoint_arrays(data.keypoints, grid)
-    if sum(len(d) for d in desc) == 0:
-        result.status = "nothing_to_report"
-        result.notes.append(
-            f"no SIFT keypoint in any of the {len(data)} images, so there is no recurring "
-            "pattern to test; the images may be blank or too small for SIFT")
-        return result
-    coverage = None
-    if data.masks is not None:
-        coverage = np.stack([patch_coverage(m > 0, grid) for m in data.masks])
-    else:
-        result.notes.append(
-            "no object masks: a confirmed pattern is 'relied on — review', since the audit "
-            "cannot tell a shortcut from a legitimate part of the object without them")
-    w_tensor = torch.from_numpy(weights).float()
-    sample = np.random.default_rng(cfg.seed).permutation(len(x))[:cfg.faithfulness_images]
-    for name in cfg.maps:
-        m = _audit_map(name, model, x, w_tensor, base, desc, kp_patches, coverage, weights,
-                       data.class_names, predict, cfg)
-        m.findings = [_carried(f, family, reviews) for f in m.findings]
-        result.maps[name] = m
-        result.prompts[f"drop:{name}"] = outcome(np.any(
-            [f.patches for f in m.relied] or [none], axis=0))
-        if len(sample):
-            result.faithfulness[name] = faithfulness(
-                predict, x[torch.from_numpy(sample)], m.attribution[sample], base[sample],
-                steps=cfg.faithfulness_steps, seed=cfg.seed)
-    ref = result.maps.get(METHOD) or next(iter(result.maps.values()))
-    removed = safe_removal(np.any([f.patches for f in ref.relied] or [none], axis=0))
-    result.prompts["random"] = outcome(matched_random(removed, cfg.seed))
-    keep = max(1, round(cfg.keep_fraction * n))
-    result.prompts["keep_top_k"] = outcome(keep_top_k(weights, keep))
-    if not any(m.relied for m in result.maps.values()):
-        result.notes.append("no candidate was confirmed by the causal check")
-    if heldout is not None:
-        repair_audit(model, view, data, result, heldout, cfg)
-    return result
+    In one process, map after map: :func:`prepare`, :func:`audit_map` per map and
+    :func:`assemble`; a distributed run calls the same pieces in separate processes."""
+    prep = prepare(model, view, data, cfg)
+    maps = ({name: audit_map(model, prep, cfg, name) for name in cfg.maps}
+            if prep.has_keypoints else {})
+    return assemble(model, view, data, prep, maps, cfg, heldout=heldout, family=family,
+                    reviews=reviews)
 
 
 def repair_reference(maps: Mapping[str, MapAudit]) -> MapAudit | None:
@@ -344,14 +440,13 @@ def _attribution(name: str, model: nn.Module, x: torch.Tensor, weights: torch.Te
                       device=model_device(model)).detach().numpy().astype(np.float64)
 
 
-def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
-               predicted: np.ndarray, desc: list[np.ndarray], kp_patches: list[np.ndarray],
-               coverage: np.ndarray | None, weights: np.ndarray, class_names: list[str],
-               predict: Any, cfg: AuditConfig) -> MapAudit:
+def _audit_map(name: str, model: nn.Module, prep: Prepared, cfg: AuditConfig) -> MapAudit:
+    x, predicted, predict, coverage = prep.x, prep.base, prep.predict, prep.coverage
+    w = torch.from_numpy(prep.weights).float()
     attribution = _attribution(name, model, x, w, cfg.batch_size)
     grid_hw = token_layout(model, (int(x.shape[-2]), int(x.shape[-1]))).grid.grid_hw
     candidates = discover_candidates(
-        desc, kp_patches, attribution, predicted, top_fraction=cfg.top_fraction,
+        prep.desc, prep.kp_patches, attribution, predicted, top_fraction=cfg.top_fraction,
         eps_factor=cfg.eps_factor, min_recurrence=cfg.min_recurrence,
         min_enrichment=cfg.min_enrichment, grid_hw=grid_hw)
     if cfg.positions:
@@ -407,11 +502,11 @@ def _audit_map(name: str, model: nn.Module, x: torch.Tensor, w: torch.Tensor,
                 radii=np.append(f.radii, c.radii), seed_patches=f.seed_patches | c.patches,
                 patches=np.where(f.patches.any(1, keepdims=True), f.patches, patches))
             continue
-        findings.append(Finding(len(findings) + 1, c.cls, class_names[c.cls], c.images,
+        findings.append(Finding(len(findings) + 1, c.cls, prep.class_names[c.cls], c.images,
                                 c.recurrence, c.other_rate, c.attention_lift, on_obj, causal,
                                 verdict(causal, on_obj), patches, c.patches, c.centroids,
                                 c.radii, levels))
     reliance = (attribution * findings[0].patches).sum(1) if findings else np.zeros(len(x))
-    off = (off_object_semantic_attention(attribution, weights > 0, coverage)
+    off = (off_object_semantic_attention(attribution, prep.weights > 0, coverage)
            if coverage is not None else np.full(len(x), np.nan))
     return MapAudit(name, findings, reliance, off, attribution)

@@ -8,15 +8,26 @@ import hashlib
 import json
 import logging
 import tempfile
+import threading
+import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitsem.audit.benchmark import view_mask
-from vitsem.audit.pipeline import AuditConfig, AuditData, audit
+from vitsem.audit.pipeline import (
+    AuditConfig,
+    AuditData,
+    MapResult,
+    assemble,
+    audit_map,
+    maps_to_audit,
+    prepare,
+)
+from vitsem.audit.verdicts import ReviewDecision
 from vitsem.data.inputs import InputImage
 from vitsem.data.remote import is_remote, read_bytes
 from vitsem.digests import json_digest
@@ -25,7 +36,12 @@ from vitsem.method.images import open_image
 from vitsem.method.keypoints import SiftParams, ViewedKeypoints
 from vitsem.method.models import ModelSpec, save_checkpoint
 from vitsem.paths import path_text
-from vitsem.platform.services.context import ShardReport, context, load_model_cached
+from vitsem.platform.services.context import (
+    LoadedModel,
+    ShardReport,
+    context,
+    load_model_cached,
+)
 from vitsem.platform.services.keypoints import KeypointStore
 from vitsem.platform.settings import Settings
 from vitsem.platform.storage.artifacts import ArtifactStore
@@ -156,24 +172,56 @@ def _image_keys(loaded: _Loaded) -> list[str]:
         loaded.report.image_sha256, loaded.images, strict=True))
 
 
-def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImage],
-                 model: str | None, checkpoint: str | None, cfg: AuditConfig = AuditConfig(),
-                 meta: dict[str, Any] | None = None, sift: SiftParams = SiftParams(), *,
-                 heldout: Sequence[InputImage] = (), family: str | None = None
-                 ) -> AuditReport:
-    """Audit ``model`` on labelled images: the report stored under
-    ``reports/spurious_audit/<digest>/`` and its findings indexed in SQL. The review
-    decisions recorded for the model ``family`` (default: the model's name) are carried.
-    With ``heldout`` labelled images (of the same data set, not trained on), the last layer
-    is repaired from the findings and the repaired checkpoint stored beside the report."""
+@dataclass(frozen=True)
+class AuditJob:
+    """One audit, planned: its ``digest`` (the report's address in the store), what it
+    covers and the ``maps`` to audit, each of which any process can run
+    (:func:`run_map`) before :func:`finish_audit` assembles the report. ``maps`` is empty
+    when the report is stored already (``cached``) or no image holds a keypoint.
+    ``inputs``/``heldout_inputs``: digests of the audited and held-out images' contents
+    and labels, which every step checks (images replaced meanwhile fail the run instead of
+    mixing two versions)."""
+
+    digest: str
+    dataset_id: int
+    images: list[InputImage]
+    heldout: list[InputImage]
+    model: str | None
+    checkpoint: str | None
+    cfg: AuditConfig
+    sift: SiftParams
+    family: str
+    reviews: list[ReviewDecision]
+    meta: dict[str, Any]
+    inputs: str
+    heldout_inputs: str
+    rejected: list[dict[str, str]]
+    heldout_rejected: list[dict[str, str]]
+    cached: bool
+    maps: tuple[str, ...]
+
+    @property
+    def prefix(self) -> str:
+        return f"{REPORT_PREFIX}/{self.digest}"
+
+
+def plan_audit(settings: Settings, dataset_id: int, images: Sequence[InputImage],
+               model: str | None, checkpoint: str | None, cfg: AuditConfig = AuditConfig(),
+               meta: dict[str, Any] | None = None, sift: SiftParams = SiftParams(), *,
+               heldout: Sequence[InputImage] = (), family: str | None = None) -> AuditJob:
+    """The audit of ``model`` on labelled images, planned: views and keypoints loaded (and
+    computed where missing), the data checked, the digest computed and the store asked for
+    a finished report. The review decisions recorded for the model ``family`` (default: the
+    model's name) are part of it."""
     cfg.validate()
     ctx = context(settings)
     loaded = load_model_cached(model, checkpoint)
-    net, spec, view = loaded.net, loaded.spec, loaded.view
-    family = family or spec.name
-    class_names, _ = label_indices(images, spec, int(getattr(net, "num_classes", 0)))
-    main = _load(ctx, dataset_id, view, spec, class_names, images, sift)
-    held = _load(ctx, dataset_id, view, spec, class_names, heldout, sift) if heldout else None
+    family = family or loaded.spec.name
+    class_names, _ = label_indices(images, loaded.spec,
+                                   int(getattr(loaded.net, "num_classes", 0)))
+    main = _load(ctx, dataset_id, loaded.view, loaded.spec, class_names, images, sift)
+    held = (_load(ctx, dataset_id, loaded.view, loaded.spec, class_names, heldout, sift)
+            if heldout else None)
     reviews = load_reviews(ctx.meta, family)
     audit_digest = json_digest({
         "model": loaded.checksum, "cfg": _digest_cfg(cfg), "images": _image_keys(main),
@@ -181,43 +229,142 @@ def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImag
         **({"family": family, "reviews": [
             {k: v for k, v in r.to_dict().items() if k != "decided_at"} for r in reviews]}
            if reviews else {})})
-    prefix = f"{REPORT_PREFIX}/{audit_digest}"
+    cached = ctx.store.exists(f"{REPORT_PREFIX}/{audit_digest}/files.json")
+    maps = () if cached else maps_to_audit(loaded.net, loaded.view, main.data, cfg)
+    return AuditJob(audit_digest, dataset_id, list(images), list(heldout), model, checkpoint,
+                    cfg, sift, family, list(reviews), dict(meta or {}),
+                    json_digest(_image_keys(main)),
+                    json_digest(_image_keys(held)) if held else "", main.report.rejected,
+                    held.report.rejected if held else [], cached, maps)
+
+
+def _job_data(settings: Settings, job: AuditJob, loaded: LoadedModel, heldout: bool = False
+              ) -> _Loaded:
+    """The audited (or the held-out) data of ``job``, loaded in this process (images read
+    from where they lie, keypoints from the store), as they were when it was planned."""
+    images, digest = (job.heldout, job.heldout_inputs) if heldout else (job.images,
+                                                                         job.inputs)
+    data = _load(context(settings), job.dataset_id, loaded.view, loaded.spec,
+                 list(loaded.spec.class_names or []), images, job.sift)
+    if json_digest(_image_keys(data)) != digest:
+        raise AuditInputError(
+            "the images or labels changed while they were being audited; run the audit "
+            "again once the data set is settled")
+    return data
+
+
+def _on(cfg: AuditConfig, device: str | None) -> AuditConfig:
+    """``cfg`` on ``device`` (the process's own choice; not part of the digest)."""
+    return cfg if device is None else replace(cfg, device=device)
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(net: Any) -> threading.Lock:
+    """One audit step at a time on a model shared by a process's task threads: the GAE and
+    Grad-CAM maps switch its attention path and hook its blocks for the call, which
+    another thread's forward pass would see (and its results would differ from a run
+    alone)."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(net)
+        if lock is None:
+            lock = _MODEL_LOCKS[net] = threading.Lock()
+        return lock
+
+
+def run_map(settings: Settings, job: AuditJob, name: str, device: str | None = None
+            ) -> MapResult:
+    """The audit of ``job`` with the map ``name`` (its heavy part), in this process: the
+    model and the data are loaded here, so any worker that reaches the store and the images
+    (``s3://`` URIs) can run it. ``device`` overrides ``job.cfg.device``."""
+    if name not in job.maps:
+        raise ValueError(f"map {name!r} is not one the audit runs ({list(job.maps)})")
+    loaded = load_model_cached(job.model, job.checkpoint)
+    main = _job_data(settings, job, loaded)
+    cfg = _on(job.cfg, device)
+    log.info("audit %s: map %s on %d images", job.digest[:12], name, len(main.data))
+    with _model_lock(loaded.net):
+        return audit_map(loaded.net, prepare(loaded.net, loaded.view, main.data, cfg), cfg,
+                         name)
+
+
+def finish_audit(settings: Settings, job: AuditJob, maps: Sequence[MapResult],
+                 device: str | None = None) -> AuditReport:
+    """The report of ``job``: read back from the store when it was there, else assembled
+    from the per-map results ``maps`` (one per map of ``job.maps``, any order), with the
+    repair when ``job`` holds held-out images, and stored (``files.json`` last). Its
+    findings are indexed in SQL either way."""
+    ctx = context(settings)
+    loaded = load_model_cached(job.model, job.checkpoint)
+    prefix = job.prefix
     out = Path(tempfile.mkdtemp(prefix="vitsem-audit-"))
-    cached = ctx.store.exists(f"{prefix}/files.json")
-    if cached:
-        log.info("audit %s found in the store", audit_digest)
+    if job.cached:
+        log.info("audit %s found in the store", job.digest)
         files = copy_report(ctx.store, prefix, out)
-        summary = json.loads((out / "audit.json").read_text())
     else:
-        log.info("auditing %d images with maps %s", len(main.data), ", ".join(cfg.maps))
-        result = audit(net, view, main.data, cfg, heldout=held.data if held else None,
-                       family=family, reviews=reviews)
-        files = write_report(result, main.data, out, {
-            "model": spec.name, "family": family,
-            "checkpoint": Path(checkpoint).name if checkpoint else None,
-            "model_checksum": loaded.checksum[:16], "audit_digest": audit_digest,
-            "rejected": len(main.report.rejected), "reviews_carried": len(reviews),
-            "heldout_images": len(held.data) if held else 0, **(meta or {})})
-        summary = json.loads((out / "audit.json").read_text())
-        repaired = result.repaired_models.get(REPAIR_METHOD)
-        if repaired is not None:
-            ckpt = save_checkpoint(repaired, spec, out / REPAIRED_FILE)
-            ctx.store.put(f"{prefix}/{REPAIRED_FILE}", ckpt.read_bytes())
-        for f in files:
-            ctx.store.put(f"{prefix}/{f.name}", f.read_bytes())
-        # files.json last: its presence marks a complete report in the store.
-        ctx.store.put(f"{prefix}/files.json", json.dumps([f.name for f in files]).encode())
+        files = _assemble_and_store(settings, job, loaded, {m.audit.map: m for m in maps},
+                                    out, _on(job.cfg, device))
+    summary = json.loads((out / "audit.json").read_text())
     repaired_path = None
     if ctx.store.exists(f"{prefix}/{REPAIRED_FILE}"):
         repaired_path = out / REPAIRED_FILE
         if not repaired_path.exists():
             repaired_path.write_bytes(ctx.store.get(f"{prefix}/{REPAIRED_FILE}"))
     report_uri = ctx.store.uri_for(f"{prefix}/report.html")
-    _index_findings(settings, audit_digest, loaded.checksum, dataset_id, summary, report_uri,
-                    family)
-    return AuditReport(audit_digest, summary, files, prefix, report_uri, cached,
-                       main.report.rejected + (held.report.rejected if held else []), family,
-                       repaired_path)
+    _index_findings(settings, job.digest, loaded.checksum, job.dataset_id, summary,
+                    report_uri, job.family)
+    return AuditReport(job.digest, summary, files, prefix, report_uri, job.cached,
+                       job.rejected + job.heldout_rejected, job.family, repaired_path)
+
+
+def _assemble_and_store(settings: Settings, job: AuditJob, loaded: LoadedModel,
+                        maps: dict[str, MapResult], out: Path, cfg: AuditConfig
+                        ) -> list[Path]:
+    """Assemble ``job``'s result, write its report into ``out`` and put it in the store."""
+    ctx = context(settings)
+    main = _job_data(settings, job, loaded)
+    held = _job_data(settings, job, loaded, heldout=True) if job.heldout else None
+    net, spec = loaded.net, loaded.spec
+    with _model_lock(net):
+        result = assemble(net, loaded.view, main.data,
+                          prepare(net, loaded.view, main.data, cfg), maps, cfg,
+                          heldout=held.data if held else None, family=job.family,
+                          reviews=job.reviews)
+    files = write_report(result, main.data, out, {
+        "model": spec.name, "family": job.family,
+        "checkpoint": Path(job.checkpoint).name if job.checkpoint else None,
+        "model_checksum": loaded.checksum[:16], "audit_digest": job.digest,
+        "rejected": len(job.rejected), "reviews_carried": len(job.reviews),
+        "heldout_images": len(held.data) if held else 0, **job.meta})
+    repaired = result.repaired_models.get(REPAIR_METHOD)
+    if repaired is not None:
+        ckpt = save_checkpoint(repaired, spec, out / REPAIRED_FILE)
+        ctx.store.put(f"{job.prefix}/{REPAIRED_FILE}", ckpt.read_bytes())
+    for f in files:
+        ctx.store.put(f"{job.prefix}/{f.name}", f.read_bytes())
+    # files.json last: its presence marks a complete report in the store.
+    ctx.store.put(f"{job.prefix}/files.json", json.dumps([f.name for f in files]).encode())
+    return files
+
+
+def audit_images(settings: Settings, dataset_id: int, images: Sequence[InputImage],
+                 model: str | None, checkpoint: str | None, cfg: AuditConfig = AuditConfig(),
+                 meta: dict[str, Any] | None = None, sift: SiftParams = SiftParams(), *,
+                 heldout: Sequence[InputImage] = (), family: str | None = None
+                 ) -> AuditReport:
+    """Audit ``model`` on labelled images in this process: the report stored under
+    ``reports/spurious_audit/<digest>/`` and its findings indexed in SQL. The review
+    decisions recorded for the model ``family`` (default: the model's name) are carried.
+    With ``heldout`` labelled images (of the same data set, not trained on), the last layer
+    is repaired from the findings and the repaired checkpoint stored beside the report.
+    The flow runs the same steps as tasks: :func:`plan_audit`, :func:`run_map` per map,
+    :func:`finish_audit`."""
+    job = plan_audit(settings, dataset_id, images, model, checkpoint, cfg, meta, sift,
+                     heldout=heldout, family=family)
+    log.info("auditing %d images with maps %s", len(job.images), ", ".join(job.maps))
+    return finish_audit(settings, job, [run_map(settings, job, m) for m in job.maps])
 
 
 def copy_report(store: ArtifactStore, prefix: str, out: Path) -> list[Path]:
