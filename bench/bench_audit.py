@@ -52,12 +52,13 @@ RELIES = 0.1
 on images of other classes (decorrelated test split, so the label does not explain it)."""
 
 
-def settings(rhos: list[float], seeds: int, foreign: list[str]) -> list[dict[str, Any]]:
-    """Seeds outermost (every setting gets its first seed before any gets a second); the
-    held-back foreign stamps after the first seed."""
+def settings(rhos: list[float], seeds: int, foreign: list[str], first_seed: int = 0,
+             families: tuple[str, ...] = ("glyph", "background")) -> list[dict[str, Any]]:
+    """Seeds ``first_seed`` .. ``first_seed + seeds - 1`` outermost (every setting gets its
+    first seed before any gets a second); the held-back foreign stamps after seed 0."""
     out: list[dict[str, Any]] = []
-    for seed in range(seeds):
-        for fam in ("glyph", "background"):
+    for seed in range(first_seed, first_seed + seeds):
+        for fam in families:
             for rho in rhos:
                 out.append({"family": fam, "rho": rho, "seed": seed, "control": False})
             out.append({"family": fam, "rho": 0.95, "seed": seed, "control": True})
@@ -172,6 +173,10 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-audit-realistic"))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="More seeds of a finished bench: e.g. --first-seed 3 --seeds 3.")
+    ap.add_argument("--families", nargs="+", choices=("glyph", "background"),
+                    default=["glyph", "background"])
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     ap.add_argument("--foreign", nargs="*", default=list(FOREIGN))
     # The recipe (issue 10 item 1, measured in bench/results/audit-realistic-table-cpu-
@@ -209,7 +214,8 @@ def main() -> None:
     if not args.table:
         seen = {json.dumps(r["setting"], sort_keys=True) for r in done}
         t_start = time.perf_counter()
-        for i, s in enumerate(settings(args.rhos, args.seeds, args.foreign)):
+        for i, s in enumerate(settings(args.rhos, args.seeds, args.foreign, args.first_seed,
+                                         tuple(args.families))):
             if i % shards != shard or json.dumps(s, sort_keys=True) in seen:
                 continue
             if time.perf_counter() - t_start > 60 * args.budget_min:
