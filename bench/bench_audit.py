@@ -53,7 +53,8 @@ on images of other classes (decorrelated test split, so the label does not expla
 
 
 def settings(rhos: list[float], seeds: int, foreign: list[str], first_seed: int = 0,
-             families: tuple[str, ...] = ("glyph", "background")) -> list[dict[str, Any]]:
+             families: tuple[str, ...] = ("glyph", "background"), controls: bool = True
+             ) -> list[dict[str, Any]]:
     """Seeds ``first_seed`` .. ``first_seed + seeds - 1`` outermost (every setting gets its
     first seed before any gets a second); the held-back foreign stamps after seed 0."""
     out: list[dict[str, Any]] = []
@@ -61,7 +62,8 @@ def settings(rhos: list[float], seeds: int, foreign: list[str], first_seed: int 
         for fam in families:
             for rho in rhos:
                 out.append({"family": fam, "rho": rho, "seed": seed, "control": False})
-            out.append({"family": fam, "rho": 0.95, "seed": seed, "control": True})
+            if controls:
+                out.append({"family": fam, "rho": 0.95, "seed": seed, "control": True})
         if seed == 0:
             out += [{"family": "foreign", "kind": k, "rho": 0.95, "seed": 0, "control": False}
                     for k in foreign]
@@ -177,6 +179,8 @@ def main() -> None:
                     help="More seeds of a finished bench: e.g. --first-seed 3 --seeds 3.")
     ap.add_argument("--families", nargs="+", choices=("glyph", "background"),
                     default=["glyph", "background"])
+    ap.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                    help="The no-cue control per family and seed.")
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     ap.add_argument("--foreign", nargs="*", default=list(FOREIGN))
     # The recipe (issue 10 item 1, measured in bench/results/audit-realistic-table-cpu-
@@ -215,7 +219,7 @@ def main() -> None:
         seen = {json.dumps(r["setting"], sort_keys=True) for r in done}
         t_start = time.perf_counter()
         for i, s in enumerate(settings(args.rhos, args.seeds, args.foreign, args.first_seed,
-                                         tuple(args.families))):
+                                         tuple(args.families), args.controls)):
             if i % shards != shard or json.dumps(s, sort_keys=True) in seen:
                 continue
             if time.perf_counter() - t_start > 60 * args.budget_min:
