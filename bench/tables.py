@@ -130,7 +130,10 @@ def print_repair(rows: list[Row]) -> None:
         closed = [r["repairs"]["dfr:pseudo"]["gap_closed"] for r in sel]
         cost = [r["repairs"]["none"]["accuracy"] - r["repairs"]["dfr:pseudo"]["accuracy"]
                 for r in sel]
-        print(f"  gap closed by dfr:pseudo {mean_ci(closed)}")
+        undefined = sum(c is None or c != c for c in closed)
+        print(f"  gap closed by dfr:pseudo {mean_ci(closed)}" + (
+            f"; undefined in {undefined} (the oracle no better than the floor)"
+            if undefined else ""))
         print(f"  accuracy cost of dfr:pseudo (none - pseudo) {mean_ci(cost)}")
 
 
