@@ -282,10 +282,12 @@ def run_map(settings: Settings, job: AuditJob, name: str, device: str | None = N
     if name not in job.maps:
         raise ValueError(f"map {name!r} is not one the audit runs ({list(job.maps)})")
     loaded = load_model_cached(job.model, job.checkpoint)
-    main = _job_data(settings, job, loaded)
     cfg = _on(job.cfg, device)
-    log.info("audit %s: map %s on %d images", job.digest[:12], name, len(main.data))
+    # The data are loaded under the lock too: map tasks on threads wait for it anyway, and
+    # they then hold one copy of the views at a time instead of one each.
     with _model_lock(loaded.net):
+        main = _job_data(settings, job, loaded)
+        log.info("audit %s: map %s on %d images", job.digest[:12], name, len(main.data))
         return audit_map(loaded.net, prepare(loaded.net, loaded.view, main.data, cfg), cfg,
                          name)
 
